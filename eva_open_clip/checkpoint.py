@@ -1,0 +1,142 @@
+"""Reading EVA-CLIP checkpoint files and loading them strictly into open_clip models.
+
+Every failure is a `CheckpointError` whose message names the file and, where keys are at fault, the
+keys as they are spelled in the user's file. Nothing is copied into the model until the whole
+checkpoint has been checked against it, so a failed load leaves the model untouched.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .layout import convert_with_origin, is_released_layout, to_released_key, unwrap_state_dict
+
+_MAX_LISTED = 5
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded into the requested model."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ', '.join(f"'{k}'" for k in keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return shown + (f' and {more} more' if more > 0 else '')
+
+
+def _read_safetensors(path: Path) -> StateDict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device='cpu')
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(path, f'not a readable safetensors file ({str(e)[:200]})') from None
+
+
+def _read_torch(path: Path, weights_only: bool) -> object:
+    mmap = zipfile.is_zipfile(path)  # memory-map the modern (zip) format; legacy pickles cannot be
+    try:
+        return torch.load(path, map_location='cpu', weights_only=weights_only, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e):
+            raise CheckpointError(
+                path, 'refused: the file holds Python objects other than tensors, which could run code '
+                'when unpickled; it was not executed (only plain state dicts are loaded)') from None
+        raise CheckpointError(path, 'not a PyTorch checkpoint (unreadable pickle data)') from None
+    except Exception as e:  # torch raises many types for damaged files (EOFError, IndexError, ...)
+        detail = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}' if str(e) else type(e).__name__
+        raise CheckpointError(path, f'truncated or not a PyTorch checkpoint ({detail})') from None
+
+
+def read_state_dict(path: str | os.PathLike, weights_only: bool = True) -> StateDict:
+    """Read a `.pt`/`.pth`/`.bin` or `.safetensors` checkpoint and return its (unwrapped) state dict.
+
+    Pickles are read with `weights_only=True` unless the caller opts out; zip checkpoints are
+    memory-mapped, so tensors are paged in from the file as they are used.
+    """
+    p = Path(path)
+    check_file(p)
+    if p.suffix == '.safetensors':
+        obj: object = _read_safetensors(p)
+    else:
+        obj = _read_torch(p, weights_only)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(p, f'holds a {type(obj).__name__}, not a state dict')
+    sd = unwrap_state_dict(obj)
+    if not sd:
+        raise CheckpointError(p, 'holds no tensors')
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(p, f'entries that are not tensors: {_listed(bad)}')
+    return sd
+
+
+def _model_swiglu(expected: Mapping[str, torch.Tensor]) -> bool:
+    return any('.mlp.fc1_g.' in k for k in expected)
+
+
+def check_file(path: str | os.PathLike) -> None:
+    """Raise `CheckpointError` unless `path` names an existing, non-empty file."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(p, 'no such file')
+    if p.is_dir():
+        raise CheckpointError(p, 'is a directory, not a checkpoint file')
+    if p.stat().st_size == 0:
+        raise CheckpointError(p, 'is empty (0 bytes)')
+
+
+def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                      strict: bool = True) -> StateDict:
+    """Convert a state dict to the model's keys and check it fits, naming keys as in the file.
+
+    Raises `CheckpointError` for missing or unexpected keys (when `strict`) and for shape mismatches.
+    """
+    released = is_released_layout(state_dict)
+    converted, origin = convert_with_origin(state_dict)
+    expected = model.state_dict()
+    swiglu = _model_swiglu(expected)
+    if 'logit_scale' in converted and 'logit_scale' in expected:
+        scale = converted['logit_scale']
+        if scale.numel() == expected['logit_scale'].numel():
+            converted['logit_scale'] = scale.reshape(expected['logit_scale'].shape)
+    missing = [to_released_key(k, swiglu) if released else k for k in expected if k not in converted]
+    unexpected = [origin[k] for k in converted if k not in expected]
+    # a key present under the same name but meaning another layout (e.g. q_bias) is unexpected only
+    missing = [k for k in missing if k not in set(unexpected)]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f'{len(missing)} missing key(s): {_listed(missing)}')
+        if unexpected:
+            parts.append(f'{len(unexpected)} unexpected key(s): {_listed(unexpected)}')
+        hint = '' if released or any(k.startswith('visual.trunk.') for k in converted) else \
+            ' (this does not look like an EVA-CLIP checkpoint)'
+        raise CheckpointError(path, 'does not match the model: ' + '; '.join(parts) + hint)
+    mismatched = [
+        f"'{origin[k]}' has shape {list(v.shape)}, the model expects {list(expected[k].shape)}"
+        for k, v in converted.items() if k in expected and v.shape != expected[k].shape
+    ]
+    if mismatched:
+        more = f' (and {len(mismatched) - _MAX_LISTED} more)' if len(mismatched) > _MAX_LISTED else ''
+        raise CheckpointError(path, 'shape mismatch: ' + '; '.join(mismatched[:_MAX_LISTED]) + more)
+    return {k: v for k, v in converted.items() if k in expected}
+
+
+def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, weights_only: bool = True) -> None:
+    """Read `path`, convert it from the released layout if needed and load it into `model`."""
+    state_dict = read_state_dict(path, weights_only=weights_only)
+    converted = check_and_convert(path, state_dict, model, strict=strict)
+    model.load_state_dict(converted, strict=strict)

@@ -1,0 +1,180 @@
+"""EVA-CLIP model configs: parse the original format and translate it to open_clip + timm terms.
+
+Two dialects of the same format exist: the EVA-01 release (`EVA_CLIP_g_14.json`: `embed_dim`,
+`vision_cfg`, `text_cfg`) and the later EVA-CLIP repository, which adds `eva_model_name`, rotary
+embedding (`rope`, `pt_hw_seq_len`, `intp_freq`), `naiveswiglu`, `subln`, `postnorm`, ... to
+`vision_cfg`. Both are accepted. Every key either maps to an equivalent timm `Eva` / open_clip
+setting, is a speed-only switch (`xattn`, `fusedLN`), or is rejected by name.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+ConfigLike = Union[Mapping[str, Any], str, Path]
+
+# Keys that only select kernels in the EVA-CLIP code (xformers attention, apex LayerNorm).
+_SPEED_ONLY = {'xattn', 'fusedLN'}
+_TOP_KEYS = {'embed_dim', 'vision_cfg', 'text_cfg', 'quick_gelu', 'custom_text'}
+_VISION_KEYS = {
+    'image_size', 'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size', 'drop_path_rate',
+    'eva_model_name', 'ls_init_value', 'patch_dropout', 'qkv_bias', 'rope', 'pt_hw_seq_len',
+    'intp_freq', 'naiveswiglu', 'subln', 'postnorm', 'global_average_pool',
+} | _SPEED_ONLY
+_TEXT_KEYS = {
+    'context_length', 'vocab_size', 'width', 'heads', 'layers', 'mlp_ratio', 'ls_init_value',
+    'attn_mask',
+} | _SPEED_ONLY
+_REQUIRED_VISION = ('image_size', 'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size')
+_REQUIRED_TEXT = ('context_length', 'vocab_size', 'width', 'heads', 'layers')
+
+# Image tower architectures that stock timm already names (used when exporting to plain open_clip).
+# Values are the architecture keys of `EvaSpec.timm_kwargs`, with `mlp_hidden` for the MLP width.
+_EVA01 = dict(qkv_bias=True, qkv_fused=True, swiglu_mlp=False, swiglu_align_to=0, scale_mlp=False,
+              scale_attn_inner=False, use_rot_pos_emb=False, ref_feat_shape=None, use_post_norm=False,
+              init_values=None)
+_EVA02 = dict(_EVA01, qkv_fused=False, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
+              use_rot_pos_emb=True, ref_feat_shape=(16, 16))
+STOCK_TIMM_ARCHS: dict[str, dict[str, Any]] = {
+    'eva_giant_patch14_224': dict(_EVA01, img_size=224, patch_size=14, embed_dim=1408, depth=40,
+                                  num_heads=16, mlp_hidden=6144),
+    'eva02_base_patch16_clip_224': dict(_EVA02, img_size=224, patch_size=16, embed_dim=768, depth=12,
+                                        num_heads=12, mlp_hidden=2048),
+    'eva02_large_patch14_clip_224': dict(_EVA02, img_size=224, patch_size=14, embed_dim=1024, depth=24,
+                                         num_heads=16, mlp_hidden=2730),
+    'eva02_large_patch14_clip_336': dict(_EVA02, img_size=336, patch_size=14, embed_dim=1024, depth=24,
+                                         num_heads=16, mlp_hidden=2730),
+    'eva02_enormous_patch14_clip_224': dict(_EVA01, img_size=224, patch_size=14, embed_dim=1792, depth=64,
+                                            num_heads=16, mlp_hidden=15360, use_post_norm=True),
+}
+
+
+class ConfigError(ValueError):
+    """An EVA-CLIP config that cannot be represented exactly."""
+
+
+@dataclass(frozen=True)
+class EvaSpec:
+    """A parsed EVA-CLIP config: the timm `Eva` arguments and the open_clip model config."""
+
+    original: dict[str, Any]
+    timm_kwargs: dict[str, Any]
+    open_clip_cfg: dict[str, Any]
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.timm_kwargs['embed_dim'] * self.timm_kwargs['mlp_ratio'])
+
+    def stock_timm_name(self) -> str | None:
+        """The stock timm model name with exactly this image tower architecture, if any."""
+        arch = {k: v for k, v in self.timm_kwargs.items() if k != 'mlp_ratio'}
+        arch['mlp_hidden'] = self.mlp_hidden
+        for name, stock in STOCK_TIMM_ARCHS.items():
+            if arch == stock:
+                return name
+        return None
+
+
+def read_config(config: ConfigLike) -> dict[str, Any]:
+    """Return the config as a dict, reading it from a JSON file when given a path."""
+    if isinstance(config, (str, Path)):
+        with open(config, encoding='utf-8') as f:
+            return json.load(f)
+    return json.loads(json.dumps(dict(config)))  # deep, JSON-normalized copy
+
+
+def _check_keys(section: str, cfg: Mapping[str, Any], allowed: set[str], required: tuple[str, ...]) -> None:
+    for key in cfg:
+        if key not in allowed:
+            raise ConfigError(f"unsupported EVA-CLIP config key '{section}{key}' (it would change the model)")
+    for key in required:
+        if key not in cfg:
+            raise ConfigError(f"EVA-CLIP config is missing '{section}{key}'")
+
+
+def _vision_timm_kwargs(v: Mapping[str, Any]) -> dict[str, Any]:
+    width, head_width = int(v['width']), int(v['head_width'])
+    if width % head_width:
+        raise ConfigError(f"vision_cfg.width ({width}) is not a multiple of vision_cfg.head_width ({head_width})")
+    if v.get('global_average_pool', False):
+        raise ConfigError("unsupported EVA-CLIP config key 'vision_cfg.global_average_pool' = true")
+    image_size, patch_size = int(v['image_size']), int(v['patch_size'])
+    subln, swiglu = bool(v.get('subln', False)), bool(v.get('naiveswiglu', False))
+    ls_init = v.get('ls_init_value')
+    kwargs: dict[str, Any] = dict(
+        img_size=image_size,
+        patch_size=patch_size,
+        embed_dim=width,
+        depth=int(v['layers']),
+        num_heads=width // head_width,
+        mlp_ratio=float(v['mlp_ratio']),
+        qkv_bias=bool(v.get('qkv_bias', True)),
+        # sub-LN models project q, k and v separately (q_proj/k_proj/v_proj) and normalize inside
+        # the attention (inner_attn_ln) and the MLP (ffn_ln)
+        qkv_fused=not subln,
+        swiglu_mlp=swiglu,
+        # a SwiGLU without its LayerNorm keeps separate gate/value projections (w1, w2) in timm
+        # only when an alignment is set; 1 leaves the width unchanged
+        swiglu_align_to=1 if swiglu and not subln else 0,
+        scale_mlp=subln,
+        scale_attn_inner=subln,
+        use_rot_pos_emb=bool(v.get('rope', False)),
+        ref_feat_shape=None,
+        use_post_norm=bool(v.get('postnorm', False)),
+        init_values=float(ls_init) if ls_init else None,
+    )
+    if kwargs['use_rot_pos_emb']:
+        pt = int(v.get('pt_hw_seq_len', 16))
+        grid = image_size // patch_size
+        if not v.get('intp_freq', False) and grid != pt:
+            raise ConfigError(
+                f"unsupported EVA-CLIP config: rope without intp_freq needs image_size/patch_size == "
+                f"pt_hw_seq_len ({grid} != {pt})")
+        kwargs['ref_feat_shape'] = (pt, pt)
+    return kwargs
+
+
+def parse_config(config: ConfigLike) -> dict[str, Any]:
+    """Validate an EVA-CLIP config (dict or JSON path) and return it as a plain dict."""
+    cfg = read_config(config)
+    if not isinstance(cfg, dict):
+        raise ConfigError('an EVA-CLIP config is a JSON object with embed_dim, vision_cfg and text_cfg')
+    _check_keys('', cfg, _TOP_KEYS, ('embed_dim', 'vision_cfg', 'text_cfg'))
+    _check_keys('vision_cfg.', cfg['vision_cfg'], _VISION_KEYS, _REQUIRED_VISION)
+    _check_keys('text_cfg.', cfg['text_cfg'], _TEXT_KEYS, _REQUIRED_TEXT)
+    return cfg
+
+
+def build_spec(config: ConfigLike, timm_name: str) -> EvaSpec:
+    """Translate an EVA-CLIP config into the timm image tower arguments and an open_clip model config.
+
+    `timm_name` is the timm model name the open_clip config refers to for the image tower.
+    """
+    cfg = parse_config(config)
+    v, t = cfg['vision_cfg'], cfg['text_cfg']
+    timm_kwargs = _vision_timm_kwargs(v)
+    text_cfg: dict[str, Any] = {k: t[k] for k in _REQUIRED_TEXT}
+    if t.get('mlp_ratio') is not None:
+        text_cfg['mlp_ratio'] = float(t['mlp_ratio'])
+    if t.get('ls_init_value') is not None:
+        text_cfg['ls_init_value'] = float(t['ls_init_value'])
+    if not t.get('attn_mask', True):
+        text_cfg['no_causal_mask'] = True
+    vision_cfg: dict[str, Any] = dict(
+        image_size=timm_kwargs['img_size'],
+        timm_model_name=timm_name,
+        timm_model_pretrained=False,
+        timm_pool='token',  # final norm, then the class token
+        timm_proj=None,  # the trunk's own head is the image projection (`visual.head`)
+    )
+    if v.get('drop_path_rate'):
+        vision_cfg['timm_drop_path'] = float(v['drop_path_rate'])
+    if v.get('patch_dropout'):
+        vision_cfg['patch_dropout'] = float(v['patch_dropout'])
+    open_clip_cfg: dict[str, Any] = dict(
+        embed_dim=int(cfg['embed_dim']), vision_cfg=vision_cfg, text_cfg=text_cfg, custom_text=True)
+    if cfg.get('quick_gelu'):
+        open_clip_cfg['quick_gelu'] = True
+    return EvaSpec(original=cfg, timm_kwargs=timm_kwargs, open_clip_cfg=open_clip_cfg)

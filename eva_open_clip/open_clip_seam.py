@@ -1,0 +1,109 @@
+"""The one place where eva_open_clip reaches into open_clip's internals.
+
+open_clip has no plugin interface for a model family that needs its own checkpoint layout, so this
+module uses exactly four of its internals, and nothing else in the package touches open_clip's
+private state:
+
+1. `open_clip.factory._MODEL_CONFIGS`: the model-config registry behind `list_models()`,
+   `create_model()` and `get_tokenizer()`. `add_model_config()` inserts our translated configs
+   (open_clip's public `add_model_config` only takes files in its own format).
+2. `open_clip.pretrained._PRETRAINED`: the tag registry behind `list_pretrained()` and tag resolution.
+3. `open_clip.factory.load_checkpoint`: wrapped so that models of this package load checkpoints in
+   the released EVA-CLIP layout, strictly and with errors that name the user's keys.
+   Other models go to open_clip's own function unchanged.
+4. `open_clip.factory.create_model`: wrapped so that, when a checkpoint will be loaded into an EVA
+   model, the towers are built without random initialization (the checkpoint overwrites it all).
+
+`tests/test_open_clip_seam.py` checks that each of these is still where this module expects it, so an
+open_clip upgrade that moves one fails loudly.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import open_clip
+import open_clip.factory as oc_factory
+import open_clip.pretrained as oc_pretrained
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from timm.models.eva import Eva
+
+from . import checkpoint
+from .tower import checkpoint_will_fill, is_eva_tower_name
+
+_WRAPPED = '__eva_open_clip_wrapped__'
+
+
+def has_model_config(name: str) -> bool:
+    return name in oc_factory._MODEL_CONFIGS
+
+
+def add_model_config(name: str, cfg: dict[str, Any]) -> None:
+    """Insert an open_clip model config under `name` (kept across open_clip's rescans)."""
+    oc_factory._MODEL_CONFIGS[name] = cfg
+
+
+def add_pretrained_tag(name: str, tag: str, hub_file: str) -> None:
+    """Register `tag` for model `name`, resolving to `hub_file` ('org/repo/file') on the HF hub."""
+    oc_pretrained._PRETRAINED.setdefault(name, {})[tag] = dict(
+        url='', hf_hub=hub_file, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD,
+        interpolation='bicubic', resize_mode='shortest', quick_gelu=False)
+
+
+def is_eva_model(model: Any) -> bool:
+    """True for open_clip models whose image tower was registered by this package."""
+    trunk = getattr(getattr(model, 'visual', None), 'trunk', None)
+    if not isinstance(trunk, Eva):
+        return False
+    cfg = getattr(trunk, 'pretrained_cfg', None) or {}
+    return is_eva_tower_name(cfg.get('architecture', ''))
+
+
+def _load_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device='cpu'):
+        if not is_eva_model(model):
+            return original(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
+        checkpoint.load_into(model, checkpoint_path, strict=strict, weights_only=weights_only)
+        return open_clip_incompatible_keys()
+    return load_checkpoint
+
+
+def open_clip_incompatible_keys():
+    """What `load_state_dict` returns for a complete load (open_clip's load_checkpoint returns it)."""
+    from torch.nn.modules.module import _IncompatibleKeys
+    return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+
+def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    from .registry import get_eva_model
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def create_model(*args: Any, **kwargs: Any):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        name = str(bound.get('model_name', ''))
+        fills = (bound.get('pretrained') and bound.get('load_weights', True)
+                 and get_eva_model(name.replace('/', '-')) is not None)
+        if not fills:
+            return original(*args, **kwargs)
+        pretrained = str(bound['pretrained'])
+        if not oc_pretrained.get_pretrained_cfg(name.replace('/', '-'), pretrained):
+            checkpoint.check_file(pretrained)  # a path: say what is wrong with it in plain words
+        with checkpoint_will_fill():
+            return original(*args, **kwargs)
+    return create_model
+
+
+def install() -> None:
+    """Wrap open_clip's `create_model` and `load_checkpoint` (idempotent)."""
+    for attr, wrapper in (('load_checkpoint', _load_checkpoint), ('create_model', _create_model)):
+        current = getattr(oc_factory, attr)
+        if getattr(current, _WRAPPED, False):
+            continue
+        wrapped = wrapper(current)
+        setattr(wrapped, _WRAPPED, True)
+        setattr(oc_factory, attr, wrapped)
+        if getattr(open_clip, attr, None) is current:
+            setattr(open_clip, attr, wrapped)

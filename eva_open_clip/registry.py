@@ -1,0 +1,99 @@
+"""The EVA model registry: EVA-CLIP configs made into open_clip models, with their pretrained tags."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from . import open_clip_seam
+from .configs import ConfigLike, EvaSpec, build_spec, parse_config
+from .tower import register_tower
+
+
+@dataclass(frozen=True)
+class EvaModel:
+    """One registered EVA model: its open_clip name, parsed config and pretrained tags."""
+
+    name: str
+    spec: EvaSpec
+    timm_name: str
+    pretrained: dict[str, str] = field(default_factory=dict)  # tag -> 'org/repo/file' on the HF hub
+
+
+# Released EVA-CLIP models: (open_clip name, pretrained tag, file on the Hugging Face hub).
+BUILTIN_MODELS: tuple[tuple[str, str, str], ...] = (
+    ('EVA_CLIP_g_14', 'laion400m_s11b_b41k', 'BAAI/EVA/eva_clip_psz14.pt'),
+    ('EVA01-CLIP-g-14', 'laion400m_s11b_b41k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_psz14_s11B.pt'),
+    ('EVA01-CLIP-g-14-plus', 'merged2b_s11b_b114k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_plus_psz14_s11B.pt'),
+    ('EVA02-CLIP-B-16', 'merged2b_s8b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt'),
+    ('EVA02-CLIP-L-14', 'merged2b_s4b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_psz14_s4B.pt'),
+    ('EVA02-CLIP-L-14-336', 'merged2b_s6b_b61k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_336_psz14_s6B.pt'),
+    ('EVA02-CLIP-bigE-14', 'laion2b_s4b_b115k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_s4B.pt'),
+    ('EVA02-CLIP-bigE-14-plus', 'laion2b_s9b_b144k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_plus_s9B.pt'),
+)
+
+_MODELS: dict[str, EvaModel] = {}
+
+
+def model_configs_dir() -> Path:
+    """The folder of shipped EVA-CLIP configs: inside the wheel, or at the top of a source checkout."""
+    packaged = Path(__file__).parent / 'model_configs'
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / 'model_configs'
+
+
+def _timm_name(name: str) -> str:
+    return 'evaclip_' + re.sub(r'[^0-9a-zA-Z]+', '_', name).strip('_').lower()
+
+
+def register_eva_model(name: str, config: ConfigLike, pretrained: Mapping[str, str] | None = None) -> None:
+    """Make `name` an open_clip model built from an EVA-CLIP config (dict or JSON path).
+
+    Afterwards `open_clip.create_model_and_transforms(name, pretrained=PATH)` builds the model and
+    loads a checkpoint in the released layout, and `open_clip.get_tokenizer(name)` works.
+    `pretrained` maps open_clip-style tags to hub files ('org/repo/file.pt'). Registering the same
+    name with the same config again does nothing; with a different config it is an error.
+    """
+    original = parse_config(config)
+    tags = dict(pretrained or {})
+    existing = _MODELS.get(name)
+    if existing is not None:
+        if existing.spec.original != original or any(existing.pretrained.get(t, f) != f for t, f in tags.items()):
+            raise ValueError(f"EVA model '{name}' is already registered with a different config")
+        if tags.keys() - existing.pretrained.keys():
+            _register_tags(existing, tags)
+        return
+    if open_clip_seam.has_model_config(name):
+        raise ValueError(f"open_clip already has a model named '{name}'")
+    timm_name = _timm_name(name)
+    if any(m.timm_name == timm_name for m in _MODELS.values()):
+        raise ValueError(f"EVA model name '{name}' collides with another registered name")
+    spec = build_spec(original, timm_name)
+    register_tower(timm_name, spec.timm_kwargs)
+    model = EvaModel(name=name, spec=spec, timm_name=timm_name)
+    open_clip_seam.add_model_config(name, spec.open_clip_cfg)
+    _MODELS[name] = model
+    _register_tags(model, tags)
+
+
+def _register_tags(model: EvaModel, tags: Mapping[str, str]) -> None:
+    for tag, hub_file in tags.items():
+        model.pretrained[tag] = hub_file
+        open_clip_seam.add_pretrained_tag(model.name, tag, hub_file)
+
+
+def register_builtin_models() -> None:
+    """Register the released EVA-CLIP models from the shipped configs (idempotent, no network)."""
+    configs = model_configs_dir()
+    for name, tag, hub_file in BUILTIN_MODELS:
+        register_eva_model(name, configs / f'{name}.json', pretrained={tag: hub_file})
+
+
+def get_eva_model(name: str) -> EvaModel | None:
+    """The registered EVA model called `name`, if any."""
+    return _MODELS.get(name)
+
+
+def list_eva_models() -> list[str]:
+    """Names of all registered EVA models."""
+    return list(_MODELS)

@@ -1,0 +1,74 @@
+"""Shared fixtures: reference checkpoints in the released layout and their golden outputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import eva_open_clip
+
+DATA = Path(__file__).parent / 'data'
+REFERENCE_CASES = ('tiny_a', 'e02_tiny_a', 'epost_tiny_a')
+
+
+def released_state_dict(case: str) -> dict[str, torch.Tensor]:
+    """The reference checkpoint of `case`, key for key and dtype for dtype as released.
+
+    The committed copy keeps only the token-embedding rows that the golden captions use (the rest
+    cannot affect any golden output); the other rows are zero.
+    """
+    packed = torch.load(DATA / case / 'checkpoint_packed.pt', weights_only=True)
+    values = packed['embedding_values']
+    embedding = torch.zeros(packed['embedding_shape'], dtype=values.dtype)
+    embedding[packed['embedding_rows']] = values
+    tensors = dict(packed['tensors'], **{'text.token_embedding.weight': embedding})
+    return {k: tensors[k] for k in packed['keys']}
+
+
+def golden(case: str) -> dict:
+    return torch.load(DATA / case / 'golden.pt', weights_only=True)
+
+
+def model_name(case: str) -> str:
+    """Registers the reference architecture of `case` under a test name and returns that name."""
+    name = f'test-{case}'
+    eva_open_clip.register_eva_model(name, golden(case)['config'])
+    return name
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference over max abs value, the parity measure of the acceptance tests."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.fixture(scope='session')
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """tiny_a written as a released `.pt` file (bare fp16 state dict)."""
+    path = tmp_path_factory.mktemp('tiny') / 'checkpoint.pt'
+    torch.save(released_state_dict('tiny_a'), path)
+    return path
+
+
+def manifest(name: str) -> dict[str, list[int]]:
+    """Key -> shape of a released checkpoint (buffers included for EVA-CLIP repository files)."""
+    raw = json.loads((DATA / 'manifests' / f'{name}.manifest.json').read_text())
+    return {k: (v['shape'] if isinstance(v, dict) else v) for k, v in raw.items()}
+
+
+def random_checkpoint(shapes: dict[str, list[int]], dtype=torch.float16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A checkpoint with the given keys and shapes, filled with small random values."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape, dtype=torch.float32)
+        if key.endswith('logit_scale'):
+            t.fill_(4.6052)
+        elif key.endswith(('norm1.weight', 'norm2.weight', 'norm.weight', 'ln_1.weight', 'ln_2.weight',
+                           'ln_final.weight', '_ln.weight')):
+            t.fill_(1.0)
+        else:
+            t.normal_(0, 0.02, generator=gen)
+        sd[key] = t.to(dtype)
+    return sd
