@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .layout import convert_with_origin, is_released_layout, to_released_key, unwrap_state_dict
+from .layout import convert_with_origin, is_released_layout, is_rotary_table, to_released_key, unwrap_state_dict
 
 _MAX_LISTED = 5
 StateDict = dict[str, torch.Tensor]
@@ -98,6 +98,26 @@ def check_file(path: str | os.PathLike) -> None:
         raise CheckpointError(p, 'is empty (0 bytes)')
 
 
+_ROPE_TOLERANCE = 1e-2  # stored tables are rounded to fp16/bf16; a different grid differs by O(1)
+
+
+def _check_rotary_tables(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Released EVA02 files carry the fixed rotary tables; check they are the ones the model computes."""
+    stored = {k: v for k, v in state_dict.items() if is_rotary_table(k)}
+    rope = getattr(getattr(getattr(model, 'visual', None), 'trunk', None), 'rope', None)
+    if not stored or rope is None:
+        return  # absent tables are recomputed; tables without a rotary model are reported as unexpected
+    sin, cos = rope.get_embed().float().cpu().chunk(2, dim=-1)
+    for key, table in stored.items():
+        computed = sin if key.endswith('freqs_sin') else cos
+        if table.shape != computed.shape:
+            raise CheckpointError(path, f"rotary table '{key}' has shape {list(table.shape)}, "
+                                        f"the model's is {list(computed.shape)} (image size or rope grid differs)")
+        if (table.float() - computed).abs().max() > _ROPE_TOLERANCE:
+            raise CheckpointError(path, f"rotary table '{key}' differs from the model's (rope grid "
+                                        f"pt_hw_seq_len or intp_freq differs from the config)")
+
+
 def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], model: nn.Module,
                       strict: bool = True) -> StateDict:
     """Convert a state dict to the model's keys and check it fits, naming keys as in the file.
@@ -106,6 +126,8 @@ def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
     """
     released = is_released_layout(state_dict)
     converted, origin = convert_with_origin(state_dict)
+    if released:
+        _check_rotary_tables(path, state_dict, model)
     expected = model.state_dict()
     swiglu = _model_swiglu(expected)
     if 'logit_scale' in converted and 'logit_scale' in expected:

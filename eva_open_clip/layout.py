@@ -58,13 +58,18 @@ def is_released_layout(keys) -> bool:
     return 'visual.patch_embed.proj.weight' in keys and not any(k.startswith('visual.trunk.') for k in keys)
 
 
+def is_rotary_table(key: str) -> bool:
+    """True for the fixed rotary tables EVA02 files store (`visual.rope.*`, `visual.blocks.N.attn.rope.*`)."""
+    return bool(_ROPE_KEY.match(key))
+
+
 def to_open_clip_key(key: str, separate_qkv: bool) -> str | None:
     """The open_clip name of one released key, or None for keys that are recomputed (rotary tables)."""
     if key == 'text.logit_scale':
         return 'logit_scale'
     if not key.startswith('visual.'):
         return key
-    if _ROPE_KEY.match(key):
+    if is_rotary_table(key):
         return None
     key = 'visual.trunk.' + key[len('visual.'):]
     for released, ours in _RENAMES + _SWIGLU_RENAMES:

@@ -72,3 +72,19 @@ def random_checkpoint(shapes: dict[str, list[int]], dtype=torch.float16, seed: i
             t.normal_(0, 0.02, generator=gen)
         sd[key] = t.to(dtype)
     return sd
+
+
+def eva_clip_rope_tables(head_dim: int, grid: int, pt_seq_len: int = 16, theta: float = 10000.0):
+    """The EVA-CLIP code's rotary tables (cos, sin), each [grid*grid, head_dim], computed from its formula.
+
+    Half the head dimension rotates with the row, half with the column; frequencies are interleaved
+    pairs and positions are interpolated from the `pt_seq_len` grid the model was trained on.
+    """
+    dim = head_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2)[:dim // 2].float() / dim)
+    t = torch.arange(grid).float() / grid * pt_seq_len
+    freqs = torch.repeat_interleave(torch.outer(t, freqs), 2, dim=-1)  # [grid, dim]
+    rows = freqs[:, None, :].expand(grid, grid, dim)
+    cols = freqs[None, :, :].expand(grid, grid, dim)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+    return table.cos(), table.sin()

@@ -1,0 +1,131 @@
+"""Every released EVA-CLIP model: architectures, layouts and parity with the EVA-CLIP code."""
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+import eva_open_clip
+from eva_open_clip.registry import BUILTIN_MODELS, model_configs_dir
+from conftest import (DATA, eva_clip_rope_tables, golden, manifest, model_name, random_checkpoint, rel_err,
+                      released_state_dict)
+
+FAMILY = [name for name, _, _ in BUILTIN_MODELS]
+# parity bounds of the acceptance tests: EVA02 files store fp16 rotary tables, timm computes them in fp32
+TOLERANCE = {'tiny_a': 1e-4, 'epost_tiny_a': 1e-4, 'e02_tiny_a': 1e-3}
+
+
+def _features(model, case):
+    g = golden(case)
+    with torch.no_grad():
+        return model.eval().encode_image(g['pixels']), model.encode_text(g['tokens'])
+
+
+def _load(case, sd, tmp_path, name='ckpt.pt'):
+    path = tmp_path / name
+    torch.save(sd, path)
+    return open_clip.create_model(model_name(case), pretrained=str(path))
+
+
+@pytest.mark.parametrize('case', ['e02_tiny_a', 'epost_tiny_a'])
+@pytest.mark.parametrize('variant', ['as_released', 'logit_scale_under_text', 'no_rotary_tables', 'bf16', 'nested'])
+def test_parity_with_eva_clip_code(case, variant, tmp_path):
+    sd = released_state_dict(case)
+    g = golden(case)
+    tol = TOLERANCE[case]
+    if variant == 'logit_scale_under_text':
+        sd['text.logit_scale'] = sd.pop('logit_scale')
+    elif variant == 'no_rotary_tables':
+        sd = {k: v for k, v in sd.items() if '.rope.' not in k}
+    elif variant == 'bf16':
+        sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+        tol = 2e-2  # the weights themselves are rounded to bf16
+    elif variant == 'nested':
+        sd = {'state_dict': {f'module.{k}': v for k, v in sd.items()}}
+    model = _load(case, sd, tmp_path)
+    image, text = _features(model, case)
+    assert rel_err(image, g['image_features']) < tol
+    assert rel_err(text, g['text_features']) < tol
+    assert model.logit_scale.item() == pytest.approx(g['logit_scale'].item(), rel=1e-2)
+
+
+def test_eva02_preprocessing_and_tokens():
+    g = golden('e02_tiny_a')
+    _, _, preprocess = open_clip.create_model_and_transforms(model_name('e02_tiny_a'))
+    pixels = torch.stack([preprocess(Image.open(DATA / 'images' / n)) for n in g['image_names']])
+    assert (pixels - g['pixels']).abs().max() < 1e-5
+    assert torch.equal(open_clip.get_tokenizer(model_name('e02_tiny_a'))(g['captions']), g['tokens'])
+
+
+def test_rotary_formula_matches_the_released_tables():
+    sd = released_state_dict('e02_tiny_a')
+    cos, sin = eva_clip_rope_tables(head_dim=16, grid=4, pt_seq_len=16)
+    assert (cos - sd['visual.rope.freqs_cos'].float()).abs().max() < 1e-3
+    assert (sin - sd['visual.blocks.1.attn.rope.freqs_sin'].float()).abs().max() < 1e-3
+
+
+def test_rotary_tables_of_another_grid_are_an_error(tmp_path):
+    config = json.loads(json.dumps(golden('e02_tiny_a')['config']))
+    config['vision_cfg']['pt_hw_seq_len'] = 8
+    eva_open_clip.register_eva_model('test-e02-grid8', config)
+    path = tmp_path / 'e02.pt'
+    torch.save(released_state_dict('e02_tiny_a'), path)
+    with pytest.raises(eva_open_clip.CheckpointError, match=r"rotary table 'visual\.rope\.freqs_cos'"):
+        open_clip.create_model('test-e02-grid8', pretrained=str(path))
+
+
+@pytest.mark.parametrize('name', FAMILY)
+def test_released_manifest_matches_the_model_exactly(name):
+    released = manifest(name)
+    with torch.device('meta'):
+        model = open_clip.create_model(name, device='meta')
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert eva_open_clip.convert_state_dict(released) == expected
+
+
+@pytest.mark.parametrize('name', FAMILY)
+def test_family_preprocessing(name):
+    with torch.device('meta'):
+        _, _, preprocess = open_clip.create_model_and_transforms(name, device='meta')
+    size = 336 if name.endswith('-336') else 224
+    assert preprocess.transforms[0].size == size and preprocess.transforms[1].size == (size, size)
+    assert tuple(preprocess.transforms[-1].mean) == (0.48145466, 0.4578275, 0.40821073)
+    assert len([t for t in open_clip.list_pretrained() if t[0] == name]) == 1
+
+
+def test_shipped_configs_are_the_eva_clip_ones():
+    for name in FAMILY:
+        cfg = json.loads((model_configs_dir() / f'{name}.json').read_text())
+        assert set(cfg) == {'embed_dim', 'vision_cfg', 'text_cfg'}
+
+
+def _full_size_checkpoint(name, dtype=torch.float16):
+    shapes = manifest(name)
+    sd = random_checkpoint({k: s for k, s in shapes.items() if '.rope.' not in k}, dtype=dtype)
+    cfg = json.loads((model_configs_dir() / f'{name}.json').read_text())['vision_cfg']
+    cos, sin = eva_clip_rope_tables(cfg['head_width'], cfg['image_size'] // cfg['patch_size'], cfg['pt_hw_seq_len'])
+    for key in shapes:
+        if '.rope.' in key:
+            sd[key] = (cos if key.endswith('cos') else sin).to(dtype)
+    return {k: sd[k] for k in shapes}
+
+
+@pytest.mark.full_size
+@pytest.mark.parametrize('name', ['EVA02-CLIP-B-16', 'EVA02-CLIP-L-14'])
+def test_full_size_eva02_loads_and_encodes(name, tmp_path):
+    sd = _full_size_checkpoint(name)
+    path = tmp_path / f'{name}.pt'
+    torch.save(sd, path)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+    trunk = model.visual.trunk
+    assert torch.equal(trunk.blocks[-1].mlp.fc1_g.weight, sd[f'visual.blocks.{len(trunk.blocks) - 1}.mlp.w1.weight'].float())
+    assert torch.equal(trunk.blocks[0].attn.q_proj.bias, sd['visual.blocks.0.attn.q_bias'].float())
+    image = preprocess(Image.open(DATA / 'images' / 'gradient_rgb_300x200.png')).unsqueeze(0)
+    with torch.no_grad():
+        features = model.eval().encode_image(image)
+        text = model.encode_text(open_clip.get_tokenizer(name)(['a gradient']))
+    assert torch.isfinite(features).all() and torch.isfinite(text).all()
+    assert features.shape[-1] == text.shape[-1] == json.loads((model_configs_dir() / f'{name}.json').read_text())['embed_dim']
