@@ -10,7 +10,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -101,7 +101,8 @@ def check_file(path: str | os.PathLike) -> None:
 _ROPE_TOLERANCE = 1e-2  # stored tables are rounded to fp16/bf16; a different grid differs by O(1)
 
 
-def _check_rotary_tables(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+def _check_rotary_tables(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                         shown: Callable[[str], str]) -> None:
     """Released EVA02 files carry the fixed rotary tables; check they are the ones the model computes."""
     stored = {k: v for k, v in state_dict.items() if is_rotary_table(k)}
     rope = getattr(getattr(getattr(model, 'visual', None), 'trunk', None), 'rope', None)
@@ -111,31 +112,35 @@ def _check_rotary_tables(path: str | os.PathLike, state_dict: Mapping[str, torch
     for key, table in stored.items():
         computed = sin if key.endswith('freqs_sin') else cos
         if table.shape != computed.shape:
-            raise CheckpointError(path, f"rotary table '{key}' has shape {list(table.shape)}, "
+            raise CheckpointError(path, f"rotary table '{shown(key)}' has shape {list(table.shape)}, "
                                         f"the model's is {list(computed.shape)} (image size or rope grid differs)")
         if (table.float() - computed).abs().max() > _ROPE_TOLERANCE:
-            raise CheckpointError(path, f"rotary table '{key}' differs from the model's (rope grid "
+            raise CheckpointError(path, f"rotary table '{shown(key)}' differs from the model's (rope grid "
                                         f"pt_hw_seq_len or intp_freq differs from the config)")
 
 
 def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], model: nn.Module,
-                      strict: bool = True) -> StateDict:
+                      strict: bool = True, added_prefix: str = '') -> StateDict:
     """Convert a state dict to the model's keys and check it fits, naming keys as in the file.
 
     Raises `CheckpointError` for missing or unexpected keys (when `strict`) and for shape mismatches.
+    `added_prefix` is a prefix the caller put on every key; messages show keys without it.
     """
+    def shown(key: str) -> str:
+        return key[len(added_prefix):] if added_prefix and key.startswith(added_prefix) else key
+
     released = is_released_layout(state_dict)
     converted, origin = convert_with_origin(state_dict)
     if released:
-        _check_rotary_tables(path, state_dict, model)
+        _check_rotary_tables(path, state_dict, model, shown)
     expected = model.state_dict()
     swiglu = _model_swiglu(expected)
     if 'logit_scale' in converted and 'logit_scale' in expected:
         scale = converted['logit_scale']
         if scale.numel() == expected['logit_scale'].numel():
             converted['logit_scale'] = scale.reshape(expected['logit_scale'].shape)
-    missing = [to_released_key(k, swiglu) if released else k for k in expected if k not in converted]
-    unexpected = [origin[k] for k in converted if k not in expected]
+    missing = [shown(to_released_key(k, swiglu) if released else k) for k in expected if k not in converted]
+    unexpected = [shown(origin[k]) for k in converted if k not in expected]
     # a key present under the same name but meaning another layout (e.g. q_bias) is unexpected only
     missing = [k for k in missing if k not in set(unexpected)]
     if strict and (missing or unexpected):
@@ -148,7 +153,7 @@ def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
             ' (this does not look like an EVA-CLIP checkpoint)'
         raise CheckpointError(path, 'does not match the model: ' + '; '.join(parts) + hint)
     mismatched = [
-        f"'{origin[k]}' has shape {list(v.shape)}, the model expects {list(expected[k].shape)}"
+        f"'{shown(origin[k])}' has shape {list(v.shape)}, the model expects {list(expected[k].shape)}"
         for k, v in converted.items() if k in expected and v.shape != expected[k].shape
     ]
     if mismatched:
@@ -162,3 +167,17 @@ def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, we
     state_dict = read_state_dict(path, weights_only=weights_only)
     converted = check_and_convert(path, state_dict, model, strict=strict)
     model.load_state_dict(converted, strict=strict)
+
+
+def load_image_tower(model: nn.Module, path: str | os.PathLike, weights_only: bool = True) -> None:
+    """Load a file holding only the image tower (the `visual.` part of a release) into `model.visual`.
+
+    Keys may carry the `visual.` prefix or not; the load is as strict as for full checkpoints.
+    """
+    state_dict = read_state_dict(path, weights_only=weights_only)
+    prefix = '' if any(k.startswith('visual.') for k in state_dict) else 'visual.'
+    state_dict = {prefix + k: v for k, v in state_dict.items()}
+    holder = nn.Module()
+    holder.visual = model.visual  # a view of the model holding only its image tower
+    converted = check_and_convert(path, state_dict, holder, added_prefix=prefix)
+    holder.load_state_dict(converted, strict=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import eva_open_clip
 
 DATA = Path(__file__).parent / 'data'
 REFERENCE_CASES = ('tiny_a', 'e02_tiny_a', 'epost_tiny_a')
+G14_VALUES = 1_136_435_841
 
 
 def released_state_dict(case: str) -> dict[str, torch.Tensor]:
@@ -88,3 +90,22 @@ def eva_clip_rope_tables(head_dim: int, grid: int, pt_seq_len: int = 16, theta: 
     cols = freqs[None, :, :].expand(grid, grid, dim)
     table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
     return table.cos(), table.sin()
+
+
+@pytest.fixture(scope='session')
+def g14_checkpoint(tmp_path_factory) -> Path:
+    """A full-size EVA_CLIP_g_14 checkpoint: every released key and shape, fp16, random values."""
+    shapes = manifest('EVA_CLIP_g_14')
+    assert len(shapes) == 678 and sum(math.prod(s) for s in shapes.values()) == G14_VALUES
+    path = tmp_path_factory.mktemp('g14') / 'eva_clip_psz14.pt'
+    torch.save(random_checkpoint(shapes, dtype=torch.float16), path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def b16_checkpoint(tmp_path_factory) -> Path:
+    """A full-size EVA02-CLIP-B-16 checkpoint (fp16, random values, true rotary tables)."""
+    from test_family import full_size_checkpoint
+    path = tmp_path_factory.mktemp('b16') / 'EVA02_CLIP_B_psz16_s8B.pt'
+    torch.save(full_size_checkpoint('EVA02-CLIP-B-16'), path)
+    return path

@@ -102,7 +102,7 @@ def test_shipped_configs_are_the_eva_clip_ones():
         assert set(cfg) == {'embed_dim', 'vision_cfg', 'text_cfg'}
 
 
-def _full_size_checkpoint(name, dtype=torch.float16):
+def full_size_checkpoint(name, dtype=torch.float16):
     shapes = manifest(name)
     sd = random_checkpoint({k: s for k, s in shapes.items() if '.rope.' not in k}, dtype=dtype)
     cfg = json.loads((model_configs_dir() / f'{name}.json').read_text())['vision_cfg']
@@ -116,7 +116,7 @@ def _full_size_checkpoint(name, dtype=torch.float16):
 @pytest.mark.full_size
 @pytest.mark.parametrize('name', ['EVA02-CLIP-B-16', 'EVA02-CLIP-L-14'])
 def test_full_size_eva02_loads_and_encodes(name, tmp_path):
-    sd = _full_size_checkpoint(name)
+    sd = full_size_checkpoint(name)
     path = tmp_path / f'{name}.pt'
     torch.save(sd, path)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))

@@ -1,26 +1,14 @@
 """Full-size EVA_CLIP_g_14 from a generated checkpoint with every released key and shape."""
 from __future__ import annotations
 
-import math
-
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
-from conftest import DATA, manifest, random_checkpoint
+from conftest import DATA, G14_VALUES
 
 pytestmark = pytest.mark.full_size
-G14_VALUES = 1_136_435_841
-
-
-@pytest.fixture(scope='session')
-def g14_checkpoint(tmp_path_factory):
-    shapes = manifest('EVA_CLIP_g_14')
-    assert len(shapes) == 678 and sum(math.prod(s) for s in shapes.values()) == G14_VALUES
-    path = tmp_path_factory.mktemp('g14') / 'eva_clip_psz14.pt'
-    torch.save(random_checkpoint(shapes, dtype=torch.float16), path)
-    return path
 
 
 def test_g14_loads_strictly_and_encodes(g14_checkpoint):

@@ -1,0 +1,67 @@
+"""`eva-open-clip classify`: zero-shot classification of images against text labels."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .inference import BUNDLED_IMAGE, Encoder, ToolError, batches, image_files, open_image
+
+README_LABELS = ('a diagram', 'a dog', 'a cat')
+
+
+def read_labels(labels: Sequence[str] | None, labels_file: str | None) -> list[str]:
+    """Labels from the command line and/or a file (one per line); the original example's by default."""
+    found = list(labels or [])
+    if labels_file:
+        found += [line.strip() for line in Path(labels_file).read_text(encoding='utf-8').splitlines() if line.strip()]
+    if not found and labels is None and labels_file is None:
+        return list(README_LABELS)
+    if not found:
+        raise ToolError('no labels given')
+    return found
+
+
+def classify(encoder: Encoder, images: Sequence[str], labels: list[str], template: str = '{}',
+             top_k: int | None = None, batch_size: int = 16) -> list[dict]:
+    """[{"image": path, "labels": [{"label", "prob"}, ...]}], most probable first.
+
+    Probabilities are softmax(logit_scale.exp() * cosine similarity) over the labels.
+    """
+    if '{}' not in template:
+        raise ToolError(f"--template must contain '{{}}' where the label goes, got {template!r}")
+    paths = image_files(images) if images else [BUNDLED_IMAGE]
+    text = encoder.texts([template.format(label) for label in labels])
+    scale = encoder.logit_scale()
+    k = min(top_k or len(labels), len(labels))
+    results, skipped = [], []
+    for chunk in batches(paths, batch_size):
+        decoded = [(p, open_image(p)) for p in chunk]
+        skipped += [str(p) for p, image in decoded if image is None]
+        decoded = [(p, image) for p, image in decoded if image is not None]
+        if not decoded:
+            continue
+        probs = (scale * encoder.images([image for _, image in decoded]) @ text.T).softmax(dim=-1)
+        for (path, _), row in zip(decoded, probs):
+            values, indices = row.topk(k)
+            results.append({'image': str(path), 'labels': [
+                {'label': labels[i], 'prob': float(v)} for v, i in zip(values.tolist(), indices.tolist())]})
+    if skipped:
+        print(f'warning: skipped {len(skipped)} file(s) that could not be decoded: {", ".join(skipped)}',
+              file=sys.stderr)
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    """One small table per image."""
+    blocks = []
+    for result in results:
+        width = max(len(entry['label']) for entry in result['labels'])
+        rows = [f"  {entry['label']:<{width}}  {entry['prob']:7.2%}" for entry in result['labels']]
+        blocks.append('\n'.join([result['image'], *rows]))
+    return '\n\n'.join(blocks)
+
+
+def print_results(results: list[dict], as_json: bool) -> None:
+    print(json.dumps(results, indent=2) if as_json else format_table(results))

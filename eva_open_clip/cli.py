@@ -1,0 +1,132 @@
+"""The `eva-open-clip` command (also `python -m eva_open_clip`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .runner import USAGE as RUN_USAGE, run_target
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .export import export_folder
+    from .registry import register_eva_model
+    if args.config:
+        if not args.model:
+            raise SystemExit('eva-open-clip convert: --config needs --model NAME to register it under')
+        register_eva_model(args.model, args.config)
+    out = export_folder(args.checkpoint, args.out_dir, model_name=args.model, force=args.force)
+    print(f'wrote {out}')
+    return 0
+
+
+PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16')
+
+
+def _encoder(args: argparse.Namespace):
+    from .inference import Encoder, default_device, load_model
+    device = args.device or default_device()
+    model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
+    return Encoder(model, preprocess, tokenizer, device, args.precision)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from .classify import classify, print_results, read_labels
+    labels = read_labels(args.labels, args.labels_file)
+    results = classify(_encoder(args), args.images, labels, template=args.template, top_k=args.top_k)
+    print_results(results, args.json)
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from .embed import embed, paths_file
+    if not args.paths and not args.text_file:
+        raise SystemExit('eva-open-clip embed: give image files/folders, or --text-file FILE')
+    rows = embed(_encoder(args), args.paths, args.out, batch_size=args.batch_size, text_file=args.text_file)
+    print(f'wrote {rows} rows to {args.out} and {paths_file(Path(args.out))}', file=sys.stderr)
+    return 0
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default='EVA_CLIP_g_14', help='registered model name (default: %(default)s)')
+    group.add_argument('--pretrained', default=None,
+                       help="checkpoint path or pretrained tag (default: the model's hub tag, downloaded once)")
+    group.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
+    group.add_argument('--precision', default='fp32', choices=PRECISIONS, help='(default: %(default)s)')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='eva-open-clip', description='EVA-CLIP models in open_clip: zero-shot classification, '
+                                          'embeddings, export, and running open_clip tools.')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    convert = sub.add_parser('convert', help='export a released checkpoint as a plain open_clip folder',
+                             description='Write OUT_DIR/open_clip_config.json and OUT_DIR/open_clip_model.safetensors '
+                                         "(the checkpoint's dtype), loadable with open_clip's 'local-dir:OUT_DIR' "
+                                         'and pushable to the Hugging Face hub as is.')
+    convert.add_argument('checkpoint', help='released checkpoint (.pt/.pth/.bin/.safetensors)')
+    convert.add_argument('out_dir', help='folder to write (must not exist or be empty, unless --force)')
+    convert.add_argument('--model', default=None, help='registered model name (default: detected from the keys)')
+    convert.add_argument('--config', default=None,
+                         help='EVA-CLIP config (JSON) of a custom architecture, registered as --model')
+    convert.add_argument('--force', action='store_true', help='replace a non-empty OUT_DIR')
+    convert.set_defaults(func=_convert)
+
+    classify = sub.add_parser(
+        'classify', help='zero-shot classification of images against text labels',
+        description='Zero-shot classification: probabilities are softmax(logit_scale.exp() * cosine similarity) '
+                    'over the labels. With no arguments, runs the original EVA-CLIP README example: the CLIP '
+                    'diagram against "a diagram", "a dog", "a cat".')
+    classify.add_argument('images', nargs='*', help='image files or folders (default: the bundled CLIP diagram)')
+    classify.add_argument('--labels', nargs='+', default=None, help='candidate labels')
+    classify.add_argument('--labels-file', default=None, help='file with one label per line')
+    classify.add_argument('--template', default='{}', help="prompt around each label, e.g. 'a photo of a {}.' "
+                                                           "(default: the label itself)")
+    classify.add_argument('--top-k', type=int, default=None, help='show the k most probable labels (default: all)')
+    classify.add_argument('--json', action='store_true', help='print JSON: [{"image", "labels": [{"label", "prob"}]}]')
+    _model_options(classify)
+    classify.set_defaults(func=_classify)
+
+    embed = sub.add_parser(
+        'embed', help='L2-normalized features of images (or text lines) to a .npy file',
+        description='Embed image files and folders (recursively, sorted by path), or the lines of --text-file. '
+                    'Writes FILE.npy (float32, one L2-normalized row per input) and FILE.paths.txt (row i is '
+                    'line i). Files that fail to decode are skipped and listed in a warning.')
+    embed.add_argument('paths', nargs='*', help='image files or folders')
+    embed.add_argument('--out', required=True, help='output FILE.npy')
+    embed.add_argument('--batch-size', type=int, default=32, help='(default: %(default)s)')
+    embed.add_argument('--text-file', default=None, help='embed the lines of this file instead of images')
+    _model_options(embed)
+    embed.set_defaults(func=_embed)
+
+    sub.add_parser('run', help='run a module or script with the EVA models registered', usage=RUN_USAGE,
+                   prog='eva-open-clip run', description='Like `python -m MODULE ARGS` (or `python SCRIPT ARGS`), after registering the '
+                               'EVA models, e.g. `eva-open-clip run -m open_clip_train.main --model '
+                               'EVA_CLIP_g_14 ...`. --register NAME=CONFIG.json (repeatable) also registers a custom '
+                               'EVA-CLIP config. Arguments and exit codes pass through untouched.',
+                   add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == 'run':  # everything after the target belongs to the target
+        if argv[1:] in (['-h'], ['--help']):
+            run_parser = build_parser()._subparsers._group_actions[0].choices['run']
+            run_parser.print_help()
+            return 0
+        run_target(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .inference import ToolError
+    try:
+        return args.func(args)
+    except (ToolError, CheckpointError, FileExistsError) as e:
+        print(f'eva-open-clip {args.command}: {e}', file=sys.stderr)
+        return 1

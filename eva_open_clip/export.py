@@ -1,0 +1,96 @@
+"""Export a released EVA-CLIP checkpoint as a plain open_clip model folder (hub layout).
+
+The folder holds `open_clip_config.json` (model and preprocessing config) and
+`open_clip_model.safetensors` (open_clip key names, the checkpoint's dtype). For architectures that
+stock timm names (all released EVA-CLIP models), the config refers to that timm model, so
+`open_clip.create_model_and_transforms('local-dir:FOLDER')` works without eva_open_clip.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError, read_state_dict
+from .layout import convert_state_dict
+from .registry import get_eva_model, list_eva_models
+
+CONFIG_NAME = 'open_clip_config.json'
+WEIGHTS_NAME = 'open_clip_model.safetensors'
+_PRECISION = {torch.float16: 'pure_fp16', torch.bfloat16: 'pure_bf16', torch.float32: 'fp32'}
+
+
+@functools.lru_cache(maxsize=None)
+def _expected_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    with torch.device('meta'):
+        model = open_clip.create_model(name, device='meta')
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+def detect_model(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The registered EVA model whose keys and shapes the checkpoint has exactly, if any."""
+    converted = {k: tuple(v.shape) for k, v in convert_state_dict(state_dict).items()}
+    for name in list_eva_models():
+        if converted == dict(_expected_shapes(name)):
+            return name
+    return None
+
+
+def _dtype_of(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    counts = Counter(v.dtype for v in state_dict.values() if v.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def export_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, model_name: str | None = None,
+                  force: bool = False) -> Path:
+    """Write `out_dir` with the open_clip config and safetensors weights of a released checkpoint.
+
+    The checkpoint is loaded strictly into the model first (same checks as open_clip loading). An
+    existing non-empty `out_dir` is only replaced with `force`; the folder appears complete or not at all.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f'{out} exists and is not empty (use --force to replace it)')
+    state_dict = read_state_dict(checkpoint)
+    name = model_name or detect_model(state_dict)
+    if name is None:
+        raise CheckpointError(checkpoint, 'matches no registered EVA model; name one with --model '
+                                          f'(registered: {", ".join(list_eva_models())})')
+    eva = get_eva_model(name)
+    if eva is None:
+        raise ValueError(f"'{name}' is not a registered EVA model")
+    dtype = _dtype_of(state_dict)
+    del state_dict
+    model = open_clip.create_model(name, pretrained=str(checkpoint), precision=_PRECISION.get(dtype, 'fp32'))
+    model_cfg = json.loads(json.dumps(eva.spec.open_clip_cfg))
+    stock = eva.spec.stock_timm_name()
+    if stock:
+        model_cfg['vision_cfg']['timm_model_name'] = stock
+    config = {'model_cfg': model_cfg, 'preprocess_cfg': dict(model.visual.preprocess_cfg)}
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    try:
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + '\n')
+        save_file(weights, str(staging / WEIGHTS_NAME), metadata={'format': 'pt'})
+        del weights, model
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old.', dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out
