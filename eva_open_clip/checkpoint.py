@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from . import mapped_pages
 from .layout import convert_with_origin, is_released_layout, is_rotary_table, to_released_key, unwrap_state_dict
 
 _MAX_LISTED = 5
@@ -162,11 +163,26 @@ def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
     return {k: v for k, v in converted.items() if k in expected}
 
 
+def copy_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], release: bool) -> None:
+    """Copy checked tensors into the module's parameters and buffers, one tensor at a time.
+
+    With `release`, the file pages behind each memory-mapped source tensor are dropped from this
+    process right after it is copied (see `mapped_pages.release`), so the checkpoint and the model
+    are never resident in full at the same time.
+    """
+    targets = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            targets[key].copy_(value)
+            if release:
+                mapped_pages.release(value)
+
+
 def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, weights_only: bool = True) -> None:
     """Read `path`, convert it from the released layout if needed and load it into `model`."""
     state_dict = read_state_dict(path, weights_only=weights_only)
     converted = check_and_convert(path, state_dict, model, strict=strict)
-    model.load_state_dict(converted, strict=strict)
+    copy_into(model, converted, release=zipfile.is_zipfile(path))
 
 
 def load_image_tower(model: nn.Module, path: str | os.PathLike, weights_only: bool = True) -> None:
@@ -180,4 +196,4 @@ def load_image_tower(model: nn.Module, path: str | os.PathLike, weights_only: bo
     holder = nn.Module()
     holder.visual = model.visual  # a view of the model holding only its image tower
     converted = check_and_convert(path, state_dict, holder, added_prefix=prefix)
-    holder.load_state_dict(converted, strict=True)
+    copy_into(holder, converted, release=zipfile.is_zipfile(path))
