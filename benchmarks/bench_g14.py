@@ -30,8 +30,8 @@ MANIFEST = ROOT / 'tests' / 'data' / 'manifests' / 'EVA_CLIP_g_14.manifest.json'
 IMPLS = {'eva_open_clip': 'EVA_CLIP_g_14', 'open_clip': 'EVA01-g-14'}
 
 
-def generate(workdir: Path, checkpoint: str | None) -> tuple[Path, Path]:
-    """The released-layout checkpoint and the same weights renamed for open_clip's EVA01-g-14."""
+def generate(workdir: Path, checkpoint: str | None, renamed_too: bool) -> tuple[Path, Path]:
+    """The released-layout checkpoint and (if asked) the same weights renamed for open_clip's EVA01-g-14."""
     import eva_open_clip
     released = Path(checkpoint) if checkpoint else workdir / 'eva_clip_psz14.pt'
     renamed = workdir / 'eva01_g14_open_clip.pt'
@@ -50,7 +50,7 @@ def generate(workdir: Path, checkpoint: str | None) -> tuple[Path, Path]:
             sd[key] = t.half()
         torch.save(sd, released)
         del sd
-    if not renamed.exists():
+    if renamed_too and not renamed.exists():
         sd = torch.load(released, mmap=True, weights_only=True)
         torch.save(eva_open_clip.convert_state_dict(sd), renamed)
     return released, renamed
@@ -95,17 +95,22 @@ def gemm_peak(dtype: torch.dtype, device: str) -> float:
 def child_throughput(precision: str, checkpoint: str, device: str, compile_: str, batches: list[int]) -> dict:
     """Images/s and texts/s of EVA_CLIP_g_14 at each batch size, with FLOP/s over the GEMM peak.
 
-    On the CPU the FLOP-counting call at batch 1 is the warm-up and each batch size is timed once
-    (a g/14 image takes seconds); on a GPU each size is warmed up, then timed over 5 calls.
+    On the CPU one call at the largest batch warms up (and sizes the reused heap, as the command-line
+    tools do: see eva_open_clip/cpu_memory.py), then each batch size is timed once (a g/14 image takes
+    seconds); on a GPU each size is warmed up, then timed over 5 calls.
     """
     import open_clip
     from torch.utils.flop_counter import FlopCounterMode
     import eva_open_clip  # noqa: F401
+    from eva_open_clip.cpu_memory import keep_freed_memory
     model = open_clip.create_model('EVA_CLIP_g_14', pretrained=checkpoint, precision=precision, device=device).eval()
+    gpu = device.startswith('cuda')
+    if not gpu:
+        keep_freed_memory()
     encode_image, encode_text = model.encode_image, model.encode_text
     if compile_ == 'compile':  # torch's own compiler, weights frozen into the graph (inference only)
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True
         encode_image, encode_text = torch.compile(encode_image), torch.compile(encode_text)
     dtype = open_clip.get_input_dtype(precision) or torch.float32
     tokenizer = open_clip.get_tokenizer('EVA_CLIP_g_14')
@@ -122,7 +127,9 @@ def child_throughput(precision: str, checkpoint: str, device: str, compile_: str
             model.encode_text(text1)
         text_flops = counter.get_total_flops()
         results.update(image_flops=image_flops, text_flops=text_flops)
-        gpu = device.startswith('cuda')
+        if not gpu:
+            encode_image(image1.expand(max(batches), -1, -1, -1).contiguous())
+            encode_text(text1.expand(max(batches), -1).contiguous())
         iters = 5 if gpu else 1
         for batch in batches:
             images = image1.expand(batch, -1, -1, -1).contiguous()
@@ -177,7 +184,7 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix='bench_g14.'))
     workdir.mkdir(parents=True, exist_ok=True)
-    released, renamed = generate(workdir, args.checkpoint)
+    released, renamed = generate(workdir, args.checkpoint, renamed_too=not args.skip_load)
     report: dict = {'machine': {'cpus': os.cpu_count(), 'torch': torch.__version__, 'device': args.device}}
     if args.device.startswith('cuda'):
         report['machine']['gpu'] = torch.cuda.get_device_name()

@@ -26,9 +26,12 @@ PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16
 
 
 def _encoder(args: argparse.Namespace):
+    from .cpu_memory import keep_freed_memory
     from .inference import Encoder, default_device, load_model
     device = args.device or default_device()
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
+    if device == 'cpu':
+        keep_freed_memory()
     return Encoder(model, preprocess, tokenizer, device, args.precision)
 
 

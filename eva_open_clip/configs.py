@@ -100,6 +100,9 @@ def _vision_timm_kwargs(v: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"vision_cfg.width ({width}) is not a multiple of vision_cfg.head_width ({head_width})")
     if v.get('global_average_pool', False):
         raise ConfigError("unsupported EVA-CLIP config key 'vision_cfg.global_average_pool' = true")
+    if v.get('postnorm') and v.get('ls_init_value'):
+        raise ConfigError("unsupported EVA-CLIP config: 'vision_cfg.ls_init_value' with 'vision_cfg.postnorm' "
+                          "(timm's post-norm block has no layer scale)")
     image_size, patch_size = int(v['image_size']), int(v['patch_size'])
     subln, swiglu = bool(v.get('subln', False)), bool(v.get('naiveswiglu', False))
     ls_init = v.get('ls_init_value')
