@@ -129,3 +129,32 @@ def test_full_size_eva02_loads_and_encodes(name, tmp_path):
         text = model.encode_text(open_clip.get_tokenizer(name)(['a gradient']))
     assert torch.isfinite(features).all() and torch.isfinite(text).all()
     assert features.shape[-1] == text.shape[-1] == json.loads((model_configs_dir() / f'{name}.json').read_text())['embed_dim']
+
+
+@pytest.mark.parametrize('name', FAMILY)
+def test_stock_timm_architecture_is_the_same_model(name):
+    import timm
+    from eva_open_clip.registry import get_eva_model
+    spec = get_eva_model(name).spec
+    stock = spec.stock_timm_name()
+    assert stock is not None
+    with torch.device('meta'):
+        ours = open_clip.create_model(name, device='meta').visual.trunk
+        theirs = timm.create_model(stock, pretrained=False, num_classes=spec.open_clip_cfg['embed_dim'],
+                                   global_pool='token', device='meta')
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert [type(b).__name__ for b in ours.blocks] == [type(b).__name__ for b in theirs.blocks]
+    assert getattr(ours.rope, 'ref_feat_shape', None) == getattr(theirs.rope, 'ref_feat_shape', None)
+    assert ours.patch_embed.img_size == theirs.patch_embed.img_size
+
+
+@pytest.mark.parametrize('case', ['e02_tiny_a', 'epost_tiny_a'])
+def test_export_of_eva02_and_post_norm_layouts(case, tmp_path):
+    from eva_open_clip.export import export_folder
+    path = tmp_path / 'ckpt.pt'
+    torch.save(released_state_dict(case), path)
+    out = export_folder(path, tmp_path / 'out', model_name=model_name(case))
+    model = open_clip.create_model(f'local-dir:{out}')
+    image, text = _features(model, case)
+    assert rel_err(image, golden(case)['image_features']) < TOLERANCE[case]
+    assert rel_err(text, golden(case)['text_features']) < TOLERANCE[case]

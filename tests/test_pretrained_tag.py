@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from conftest import DATA, golden, released_state_dict
+from conftest import DATA, released_state_dict
 
 
 def _hub_cache(root, repo_id, filename, state_dict):
