@@ -94,6 +94,16 @@ def _check_keys(section: str, cfg: Mapping[str, Any], allowed: set[str], require
             raise ConfigError(f"EVA-CLIP config is missing '{section}{key}'")
 
 
+def _side(v: Mapping[str, Any], key: str) -> int:
+    """A square size given as an int or as [h, w] with h == w."""
+    value = v[key]
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"unsupported EVA-CLIP config: non-square 'vision_cfg.{key}' {list(value)}")
+        value = value[0]
+    return int(value)
+
+
 def _vision_timm_kwargs(v: Mapping[str, Any]) -> dict[str, Any]:
     width, head_width = int(v['width']), int(v['head_width'])
     if width % head_width:
@@ -103,7 +113,7 @@ def _vision_timm_kwargs(v: Mapping[str, Any]) -> dict[str, Any]:
     if v.get('postnorm') and v.get('ls_init_value'):
         raise ConfigError("unsupported EVA-CLIP config: 'vision_cfg.ls_init_value' with 'vision_cfg.postnorm' "
                           "(timm's post-norm block has no layer scale)")
-    image_size, patch_size = int(v['image_size']), int(v['patch_size'])
+    image_size, patch_size = _side(v, 'image_size'), _side(v, 'patch_size')
     subln, swiglu = bool(v.get('subln', False)), bool(v.get('naiveswiglu', False))
     ls_init = v.get('ls_init_value')
     kwargs: dict[str, Any] = dict(

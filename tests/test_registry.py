@@ -126,3 +126,12 @@ def test_spec_translation_of_eva02_configs():
     assert kw['use_rot_pos_emb'] and kw['ref_feat_shape'] == (16, 16) and kw['img_size'] == 336
     assert not kw['qkv_fused'] and kw['scale_mlp'] and kw['scale_attn_inner'] and kw['swiglu_mlp']
     assert spec.stock_timm_name() == 'eva02_large_patch14_clip_336'
+
+
+def test_sizes_may_be_given_as_pairs():
+    config = json.loads(json.dumps(golden('tiny_a')['config']))
+    config['vision_cfg'].update(image_size=[56, 56], patch_size=[14, 14])
+    assert build_spec(config, 'x').timm_kwargs == build_spec(golden('tiny_a')['config'], 'x').timm_kwargs
+    config['vision_cfg']['image_size'] = [56, 84]
+    with pytest.raises(eva_open_clip.ConfigError, match='image_size'):
+        build_spec(config, 'x')
