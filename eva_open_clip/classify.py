@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from .inference import BUNDLED_IMAGE, Encoder, ToolError, batches, image_files, open_image
+from .inference import BUNDLED_IMAGE, Encoder, ToolError, batches, decode, image_files, warn_skipped
 
 README_LABELS = ('a diagram', 'a dog', 'a cat')
 
@@ -37,19 +36,16 @@ def classify(encoder: Encoder, images: Sequence[str], labels: list[str], templat
     k = min(top_k or len(labels), len(labels))
     results, skipped = [], []
     for chunk in batches(paths, batch_size):
-        decoded = [(p, open_image(p)) for p in chunk]
-        skipped += [str(p) for p, image in decoded if image is None]
-        decoded = [(p, image) for p, image in decoded if image is not None]
-        if not decoded:
+        kept, images, failed = decode(chunk)
+        skipped += failed
+        if not kept:
             continue
-        probs = (scale * encoder.images([image for _, image in decoded]) @ text.T).softmax(dim=-1)
-        for (path, _), row in zip(decoded, probs):
+        probs = (scale * encoder.images(images) @ text.T).softmax(dim=-1)
+        for path, row in zip(kept, probs):
             values, indices = row.topk(k)
             results.append({'image': str(path), 'labels': [
                 {'label': labels[i], 'prob': float(v)} for v, i in zip(values.tolist(), indices.tolist())]})
-    if skipped:
-        print(f'warning: skipped {len(skipped)} file(s) that could not be decoded: {", ".join(skipped)}',
-              file=sys.stderr)
+    warn_skipped(skipped)
     return results
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 from tqdm import tqdm
 
-from .inference import Encoder, ToolError, batches, image_files, open_image
+from .inference import Encoder, ToolError, batches, decode, image_files, warn_skipped
 
 
 def paths_file(out: Path) -> Path:
@@ -75,11 +75,10 @@ def embed(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike, batch
                 if text_file:
                     features, names = encoder.texts(chunk), list(chunk)
                 else:
-                    decoded = [(p, open_image(p)) for p in chunk]
-                    skipped += [str(p) for p, image in decoded if image is None]
-                    decoded = [(p, image) for p, image in decoded if image is not None]
-                    names = [str(p) for p, _ in decoded]
-                    features = encoder.images([image for _, image in decoded]) if decoded else None
+                    kept_paths, images, failed = decode(chunk)
+                    skipped += failed
+                    names = [str(p) for p in kept_paths]
+                    features = encoder.images(images) if images else None
                 if features is not None:
                     writer.write(features.numpy())
                     kept += names
@@ -97,7 +96,5 @@ def embed(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike, batch
         writer.discard()
         for path in staged:
             path.unlink(missing_ok=True)
-    if skipped:
-        print(f'warning: skipped {len(skipped)} file(s) that could not be decoded: {", ".join(skipped)}',
-              file=sys.stderr)
+    warn_skipped(skipped)
     return len(kept)

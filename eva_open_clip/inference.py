@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -79,6 +80,19 @@ def open_image(path: Path) -> Image.Image | None:
             return image.copy()
     except Exception:
         return None
+
+
+def decode(paths: Sequence[Path]) -> tuple[list[Path], list[Image.Image], list[str]]:
+    """(decoded paths, their images, paths that could not be decoded), keeping the order."""
+    opened = [(p, open_image(p)) for p in paths]
+    kept = [(p, image) for p, image in opened if image is not None]
+    return [p for p, _ in kept], [image for _, image in kept], [str(p) for p, image in opened if image is None]
+
+
+def warn_skipped(skipped: Sequence[str]) -> None:
+    if skipped:
+        print(f'warning: skipped {len(skipped)} file(s) that could not be decoded: {", ".join(skipped)}',
+              file=sys.stderr)
 
 
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:
