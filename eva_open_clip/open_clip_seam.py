@@ -28,6 +28,7 @@ import open_clip.factory as oc_factory
 import open_clip.pretrained as oc_pretrained
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.models.eva import Eva
+from torch.nn.modules.module import _IncompatibleKeys
 
 from . import checkpoint
 from .tower import checkpoint_will_fill, is_eva_tower_name
@@ -66,14 +67,8 @@ def _load_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
         if not is_eva_model(model):
             return original(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
         checkpoint.load_into(model, checkpoint_path, strict=strict, weights_only=weights_only)
-        return open_clip_incompatible_keys()
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])  # what open_clip's version returns
     return load_checkpoint
-
-
-def open_clip_incompatible_keys():
-    """What `load_state_dict` returns for a complete load (open_clip's load_checkpoint returns it)."""
-    from torch.nn.modules.module import _IncompatibleKeys
-    return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
 
 def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -83,13 +78,12 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def create_model(*args: Any, **kwargs: Any):
         bound = signature.bind_partial(*args, **kwargs).arguments
-        name = str(bound.get('model_name', ''))
-        fills = (bound.get('pretrained') and bound.get('load_weights', True)
-                 and get_eva_model(name.replace('/', '-')) is not None)
+        name = str(bound.get('model_name', '')).replace('/', '-')  # as open_clip looks names up
+        fills = bound.get('pretrained') and bound.get('load_weights', True) and get_eva_model(name) is not None
         if not fills:
             return original(*args, **kwargs)
         pretrained = str(bound['pretrained'])
-        if not oc_pretrained.get_pretrained_cfg(name.replace('/', '-'), pretrained):
+        if not oc_pretrained.get_pretrained_cfg(name, pretrained):
             checkpoint.check_file(pretrained)  # a path: say what is wrong with it in plain words
         with checkpoint_will_fill():
             return original(*args, **kwargs)
