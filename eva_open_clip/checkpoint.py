@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from . import mapped_pages
+from . import empty_build, mapped_checkpoint
 from .layout import convert_with_origin, is_released_layout, is_rotary_table, to_released_key, unwrap_state_dict
 
 _MAX_LISTED = 5
@@ -38,18 +38,21 @@ def _listed(keys: list[str]) -> str:
 
 
 def _read_safetensors(path: Path) -> StateDict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     try:
-        return load_file(str(path), device='cpu')
-    except (SafetensorError, OSError, ValueError) as e:
+        return mapped_checkpoint.read_safetensors(path)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(path, f'not a readable safetensors file ({str(e)[:200]})') from None
 
 
 def _read_torch(path: Path, weights_only: bool) -> object:
-    mmap = zipfile.is_zipfile(path)  # memory-map the modern (zip) format; legacy pickles cannot be
     try:
-        return torch.load(path, map_location='cpu', weights_only=weights_only, mmap=mmap)
+        if zipfile.is_zipfile(path):  # torch.save's format: read through a read-only mapping
+            return mapped_checkpoint.read_torch_zip(path, weights_only=weights_only)
+        return torch.load(path, map_location='cpu', weights_only=weights_only)  # legacy pickles
+    except mapped_checkpoint.UnsafePickle:
+        raise CheckpointError(
+            path, 'refused: the file holds Python objects other than tensors, which could run code '
+            'when unpickled; it was not executed (only plain state dicts are loaded)') from None
     except pickle.UnpicklingError as e:
         if 'Weights only load failed' in str(e):
             raise CheckpointError(
@@ -64,8 +67,9 @@ def _read_torch(path: Path, weights_only: bool) -> object:
 def read_state_dict(path: str | os.PathLike, weights_only: bool = True) -> StateDict:
     """Read a `.pt`/`.pth`/`.bin` or `.safetensors` checkpoint and return its (unwrapped) state dict.
 
-    Pickles are read with `weights_only=True` unless the caller opts out; zip checkpoints are
-    memory-mapped, so tensors are paged in from the file as they are used.
+    Pickles are read with `weights_only=True` unless the caller opts out. Zip checkpoints and
+    safetensors files are mapped read-only (see `mapped_checkpoint`): tensors are paged in from the
+    file as they are used, whatever the file's size.
     """
     p = Path(path)
     check_file(p)
@@ -166,23 +170,29 @@ def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
 def copy_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], release: bool) -> None:
     """Copy checked tensors into the module's parameters and buffers, one tensor at a time.
 
-    With `release`, the file pages behind each memory-mapped source tensor are dropped from this
-    process right after it is copied (see `mapped_pages.release`), so the checkpoint and the model
-    are never resident in full at the same time.
+    Parameters left empty by `empty_build` are created on their final device and dtype from the
+    file's tensor. With `release`, the file pages behind each mapped source tensor are dropped from
+    this process right after it is copied, so the checkpoint and the model are never resident in
+    full at the same time.
     """
-    targets = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, value in state_dict.items():
-            targets[key].copy_(value)
+            empty_build.fill_tensor(module, key, value)
             if release:
-                mapped_pages.release(value)
+                mapped_checkpoint.release(value)
+    empty_build.check_filled(module)
+
+
+def _is_mapped(path: str | os.PathLike) -> bool:
+    return Path(path).suffix == '.safetensors' or zipfile.is_zipfile(path)
 
 
 def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, weights_only: bool = True) -> None:
     """Read `path`, convert it from the released layout if needed and load it into `model`."""
+    empty_build.restore_buffers()
     state_dict = read_state_dict(path, weights_only=weights_only)
     converted = check_and_convert(path, state_dict, model, strict=strict)
-    copy_into(model, converted, release=zipfile.is_zipfile(path))
+    copy_into(model, converted, release=_is_mapped(path))
 
 
 def load_image_tower(model: nn.Module, path: str | os.PathLike, weights_only: bool = True) -> None:
@@ -196,4 +206,4 @@ def load_image_tower(model: nn.Module, path: str | os.PathLike, weights_only: bo
     holder = nn.Module()
     holder.visual = model.visual  # a view of the model holding only its image tower
     converted = check_and_convert(path, state_dict, holder, added_prefix=prefix)
-    copy_into(holder, converted, release=zipfile.is_zipfile(path))
+    copy_into(holder, converted, release=_is_mapped(path))

@@ -21,7 +21,7 @@ _TOP_KEYS = {'embed_dim', 'vision_cfg', 'text_cfg', 'quick_gelu', 'custom_text'}
 _VISION_KEYS = {
     'image_size', 'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size', 'drop_path_rate',
     'eva_model_name', 'ls_init_value', 'patch_dropout', 'qkv_bias', 'rope', 'pt_hw_seq_len',
-    'intp_freq', 'naiveswiglu', 'subln', 'postnorm', 'global_average_pool',
+    'intp_freq', 'naiveswiglu', 'subln', 'postnorm', 'global_average_pool', 'use_rms_norm',
 } | _SPEED_ONLY
 _TEXT_KEYS = {
     'context_length', 'vocab_size', 'width', 'heads', 'layers', 'mlp_ratio', 'ls_init_value',
@@ -34,7 +34,7 @@ _REQUIRED_TEXT = ('context_length', 'vocab_size', 'width', 'heads', 'layers')
 # Values are the architecture keys of `EvaSpec.timm_kwargs`, with `mlp_hidden` for the MLP width.
 _EVA01 = dict(qkv_bias=True, qkv_fused=True, swiglu_mlp=False, swiglu_align_to=0, scale_mlp=False,
               scale_attn_inner=False, use_rot_pos_emb=False, ref_feat_shape=None, use_post_norm=False,
-              init_values=None)
+              init_values=None, norm='layernorm', head_bias=True)
 _EVA02 = dict(_EVA01, qkv_fused=False, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
               use_rot_pos_emb=True, ref_feat_shape=(16, 16))
 STOCK_TIMM_ARCHS: dict[str, dict[str, Any]] = {
@@ -116,6 +116,9 @@ def _vision_timm_kwargs(v: Mapping[str, Any]) -> dict[str, Any]:
     image_size, patch_size = _side(v, 'image_size'), _side(v, 'patch_size')
     subln, swiglu = bool(v.get('subln', False)), bool(v.get('naiveswiglu', False))
     ls_init = v.get('ls_init_value')
+    # The EVA-CLIP-8B/18B code (the dialect with `use_rms_norm`) gives the vision head a bias only
+    # when the attention has q/v biases; the earlier EVA-CLIP code always gives it one.
+    head_bias = bool(v.get('qkv_bias', True)) if 'use_rms_norm' in v else True
     kwargs: dict[str, Any] = dict(
         img_size=image_size,
         patch_size=patch_size,
@@ -137,6 +140,10 @@ def _vision_timm_kwargs(v: Mapping[str, Any]) -> dict[str, Any]:
         ref_feat_shape=None,
         use_post_norm=bool(v.get('postnorm', False)),
         init_values=float(ls_init) if ls_init else None,
+        # two settings that `tower.build_eva` turns into timm terms: the norm layer (RMSNorm: weight
+        # only, eps 1e-6, as the EVA-CLIP-18B code) and whether the head (image projection) has a bias
+        norm='rmsnorm' if v.get('use_rms_norm') else 'layernorm',
+        head_bias=head_bias,
     )
     if kwargs['use_rot_pos_emb']:
         pt = int(v.get('pt_hw_seq_len', 16))

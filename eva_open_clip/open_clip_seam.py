@@ -12,7 +12,12 @@ private state:
    the released EVA-CLIP layout, strictly and with errors that name the user's keys.
    Other models go to open_clip's own function unchanged.
 4. `open_clip.factory.create_model`: wrapped so that, when a checkpoint will be loaded into an EVA
-   model, the towers are built without random initialization (the checkpoint overwrites it all).
+   model, the model is built empty (`empty_build`: no memory, no random initialization) and open_clip
+   is told to place it on the meta device; open_clip casts it there to the requested precision, and
+   the checkpoint's tensors are then created straight on the requested device in their final dtype.
+   Every supported open_clip (2.24 to 3.x) applies device and precision before loading a checkpoint.
+
+Which open_clip releases have which features is known in `versions.py`.
 
 `tests/test_open_clip_seam.py` checks that each of these is still where this module expects it, so an
 open_clip upgrade that moves one fails loudly.
@@ -30,8 +35,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.models.eva import Eva
 from torch.nn.modules.module import _IncompatibleKeys
 
-from . import checkpoint
-from .tower import checkpoint_will_fill, is_eva_tower_name
+from . import checkpoint, empty_build, versions
+from .tower import is_eva_tower_name
 
 _WRAPPED = '__eva_open_clip_wrapped__'
 
@@ -62,10 +67,14 @@ def is_eva_model(model: Any) -> bool:
 
 
 def _load_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
+    known = set(inspect.signature(original).parameters)
+
     @functools.wraps(original)
     def load_checkpoint(model, checkpoint_path, strict=True, weights_only=True, device='cpu'):
         if not is_eva_model(model):
-            return original(model, checkpoint_path, strict=strict, weights_only=weights_only, device=device)
+            options = dict(strict=strict, weights_only=weights_only, device=device)
+            return original(model, checkpoint_path, **{k: v for k, v in options.items() if k in known})
+        empty_build.end_construction()
         checkpoint.load_into(model, checkpoint_path, strict=strict, weights_only=weights_only)
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])  # what open_clip's version returns
     return load_checkpoint
@@ -77,16 +86,22 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def create_model(*args: Any, **kwargs: Any):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        name = str(bound.get('model_name', '')).replace('/', '-')  # as open_clip looks names up
-        fills = bound.get('pretrained') and bound.get('load_weights', True) and get_eva_model(name) is not None
-        if not fills:
+        bound = signature.bind_partial(*args, **kwargs)
+        arguments = bound.arguments
+        name = str(arguments.get('model_name', '')).replace('/', '-')  # as open_clip looks names up
+        if get_eva_model(name) is None:
             return original(*args, **kwargs)
-        pretrained = str(bound['pretrained'])
+        if arguments.get('force_image_size') is not None:
+            versions.require_open_clip('force_image_size with EVA models', (3, 0))
+        if not (arguments.get('pretrained') and arguments.get('load_weights', True)):
+            return original(*args, **kwargs)
+        pretrained = str(arguments['pretrained'])
         if not oc_pretrained.get_pretrained_cfg(name, pretrained):
             checkpoint.check_file(pretrained)  # a path: say what is wrong with it in plain words
-        with checkpoint_will_fill():
-            return original(*args, **kwargs)
+        device = arguments.get('device', 'cpu')
+        arguments['device'] = 'meta'  # open_clip places and casts the empty model; loading fills it on `device`
+        with empty_build.empty_build(device):
+            return original(*bound.args, **bound.kwargs)
     return create_model
 
 

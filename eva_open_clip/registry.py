@@ -31,6 +31,9 @@ BUILTIN_MODELS: tuple[tuple[str, str, str], ...] = (
     ('EVA02-CLIP-L-14-336', 'merged2b_s6b_b61k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_336_psz14_s6B.pt'),
     ('EVA02-CLIP-bigE-14', 'laion2b_s4b_b115k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_s4B.pt'),
     ('EVA02-CLIP-bigE-14-plus', 'laion2b_s9b_b144k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_plus_s9B.pt'),
+    ('EVA-CLIP-8B', 'merged2b_s9b', 'BAAI/EVA-CLIP-8B/EVA_CLIP_8B_psz14_s9B.pt'),
+    ('EVA-CLIP-8B-448', 'merged2b_s0.6b', 'BAAI/EVA-CLIP-8B-448/EVA_CLIP_8B_psz14_plus_s0.6B.pt'),  # 'EVA-CLIP-8B-plus'
+    ('EVA-CLIP-18B', 'merged2b_s6b', 'BAAI/EVA-CLIP-18B/EVA_CLIP_18B_psz14_s6B.fp16.pt'),
 )
 
 _MODELS: dict[str, EvaModel] = {}

@@ -1,51 +1,40 @@
 """The EVA image tower: timm's `Eva`, registered with timm under one name per EVA model.
 
 open_clip builds timm image towers by name (`vision_cfg.timm_model_name`), so every registered EVA
-model gets a timm entry point here that builds `Eva` with the arguments of its config.
-
-When a checkpoint is about to overwrite every weight (see `checkpoint_will_fill`), the tower is built
-without random initialization: parameters are allocated empty and only the fixed, non-persistent
-buffers (zero key bias, rotary tables) are computed.
+model gets a timm entry point here that builds `Eva` with the arguments of its config. Two settings
+of the EVA-CLIP-8B/18B configs are expressed here in timm terms: RMSNorm layers and a head (the image
+projection) without bias.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Callable, Iterator
+from functools import partial
+from typing import Any, Callable
 
-import torch
+from timm.layers import RmsNorm
 from timm.models import build_model_with_cfg, is_model, register_model
 from timm.models.eva import Eva
+from torch import nn
 
-_FILL_PENDING = contextvars.ContextVar('eva_open_clip_fill_pending', default=False)
+from . import versions
+
 _ENTRYPOINTS: dict[str, Callable[..., Eva]] = {}
-
-
-@contextlib.contextmanager
-def checkpoint_will_fill() -> Iterator[None]:
-    """Within this block, EVA towers are built uninitialized: a checkpoint will set every weight."""
-    token = _FILL_PENDING.set(True)
-    try:
-        yield
-    finally:
-        _FILL_PENDING.reset(token)
-
-
-def _init_fixed_buffers(model: torch.nn.Module) -> None:
-    for module in model.modules():
-        if hasattr(module, 'init_non_persistent_buffers'):
-            module.init_non_persistent_buffers()
+_NORM_LAYERS = {'rmsnorm': partial(RmsNorm, eps=1e-6)}  # 'layernorm': timm's default (eps 1e-6)
 
 
 def build_eva(timm_name: str, kwargs: dict[str, Any]) -> Eva:
-    """Build the timm `Eva` trunk, skipping random initialization inside `checkpoint_will_fill`."""
+    """Build the timm `Eva` trunk from the tower arguments of an EVA-CLIP config."""
+    kwargs = dict(kwargs)
+    norm, head_bias = kwargs.pop('norm', 'layernorm'), kwargs.pop('head_bias', True)
+    if norm in _NORM_LAYERS:
+        kwargs['norm_layer'] = _NORM_LAYERS[norm]
+    kwargs = versions.eva_kwargs(kwargs, timm_name)
     cfg = dict(architecture=timm_name, num_classes=kwargs.get('num_classes', 0),
                input_size=(3,) + tuple(2 * [kwargs['img_size']]), mean=None, std=None)
-    if not _FILL_PENDING.get():
-        return build_model_with_cfg(Eva, timm_name, pretrained=False, pretrained_cfg=cfg, **kwargs)
-    model = build_model_with_cfg(Eva, timm_name, pretrained=False, pretrained_cfg=cfg, device='meta', **kwargs)
-    model.to_empty(device='cpu')
-    _init_fixed_buffers(model)
+    model = build_model_with_cfg(Eva, timm_name, pretrained=False, pretrained_cfg=cfg, **kwargs)
+    if not head_bias and isinstance(model.head, nn.Linear):
+        head = nn.Linear(model.head.in_features, model.head.out_features, bias=False)
+        head.weight = model.head.weight  # keeps timm's initialization (and its device)
+        model.head = head
     return model
 
 

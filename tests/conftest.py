@@ -11,7 +11,7 @@ import torch
 import eva_open_clip
 
 DATA = Path(__file__).parent / 'data'
-REFERENCE_CASES = ('tiny_a', 'e02_tiny_a', 'epost_tiny_a')
+REFERENCE_CASES = ('tiny_a', 'e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a')
 G14_VALUES = 1_136_435_841
 
 

@@ -15,7 +15,8 @@ from conftest import (DATA, eva_clip_rope_tables, golden, manifest, model_name, 
 
 FAMILY = [name for name, _, _ in BUILTIN_MODELS]
 # parity bounds of the acceptance tests: EVA02 files store fp16 rotary tables, timm computes them in fp32
-TOLERANCE = {'tiny_a': 1e-4, 'epost_tiny_a': 1e-4, 'e02_tiny_a': 1e-3}
+TOLERANCE = {'tiny_a': 1e-4, 'epost_tiny_a': 1e-4, 'e02_tiny_a': 1e-3, 'rms_tiny_a': 1e-4, 'rmspost_tiny_a': 1e-4}
+LARGEST = ['EVA-CLIP-8B', 'EVA-CLIP-8B-448', 'EVA-CLIP-18B']  # no stock timm architecture
 
 
 def _features(model, case):
@@ -30,7 +31,7 @@ def _load(case, sd, tmp_path, name='ckpt.pt'):
     return open_clip.create_model(model_name(case), pretrained=str(path))
 
 
-@pytest.mark.parametrize('case', ['e02_tiny_a', 'epost_tiny_a'])
+@pytest.mark.parametrize('case', ['e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a'])
 @pytest.mark.parametrize('variant', ['as_released', 'logit_scale_under_text', 'no_rotary_tables', 'bf16', 'nested'])
 def test_parity_with_eva_clip_code(case, variant, tmp_path):
     sd = released_state_dict(case)
@@ -90,7 +91,8 @@ def test_released_manifest_matches_the_model_exactly(name):
 def test_family_preprocessing(name):
     with torch.device('meta'):
         _, _, preprocess = open_clip.create_model_and_transforms(name, device='meta')
-    size = 336 if name.endswith('-336') else 224
+    size = json.loads((model_configs_dir() / f'{name}.json').read_text())['vision_cfg']['image_size']
+    assert size == {'EVA02-CLIP-L-14-336': 336, 'EVA-CLIP-8B-448': 448}.get(name, 224)
     assert preprocess.transforms[0].size == size and preprocess.transforms[1].size == (size, size)
     assert tuple(preprocess.transforms[-1].mean) == (0.48145466, 0.4578275, 0.40821073)
     assert len([t for t in open_clip.list_pretrained() if t[0] == name]) == 1
@@ -131,7 +133,7 @@ def test_full_size_eva02_loads_and_encodes(name, tmp_path):
     assert features.shape[-1] == text.shape[-1] == json.loads((model_configs_dir() / f'{name}.json').read_text())['embed_dim']
 
 
-@pytest.mark.parametrize('name', FAMILY)
+@pytest.mark.parametrize('name', [n for n in FAMILY if n not in LARGEST])
 def test_stock_timm_architecture_is_the_same_model(name):
     import timm
     from eva_open_clip.registry import get_eva_model
@@ -148,7 +150,7 @@ def test_stock_timm_architecture_is_the_same_model(name):
     assert ours.patch_embed.img_size == theirs.patch_embed.img_size
 
 
-@pytest.mark.parametrize('case', ['e02_tiny_a', 'epost_tiny_a'])
+@pytest.mark.parametrize('case', ['e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a'])
 def test_export_of_eva02_and_post_norm_layouts(case, tmp_path):
     from eva_open_clip.export import export_folder
     path = tmp_path / 'ckpt.pt'
@@ -158,3 +160,50 @@ def test_export_of_eva02_and_post_norm_layouts(case, tmp_path):
     image, text = _features(model, case)
     assert rel_err(image, golden(case)['image_features']) < TOLERANCE[case]
     assert rel_err(text, golden(case)['text_features']) < TOLERANCE[case]
+
+
+def test_largest_models_have_no_stock_timm_architecture_and_say_so():
+    from eva_open_clip.registry import get_eva_model
+    for name in LARGEST:
+        spec = get_eva_model(name).spec
+        assert spec.stock_timm_name() is None
+        assert spec.timm_kwargs['norm'] == 'rmsnorm' and spec.timm_kwargs['head_bias'] is False
+    assert get_eva_model('EVA-CLIP-18B').spec.timm_kwargs['use_post_norm'] is True
+    assert get_eva_model('EVA-CLIP-8B').spec.timm_kwargs['use_post_norm'] is False
+
+
+@pytest.mark.parametrize('case', ['rms_tiny_a', 'rmspost_tiny_a'])
+def test_bias_free_head_loads_strictly_without_invented_keys(case, tmp_path):
+    from eva_open_clip.export import WEIGHTS_NAME, export_folder
+    from safetensors import safe_open
+    sd = released_state_dict(case)
+    assert 'visual.head.weight' in sd and 'visual.head.bias' not in sd
+    model = _load(case, dict(sd), tmp_path)
+    assert model.visual.trunk.head.bias is None
+    assert all('.bias' not in k for k in model.state_dict() if '.head.' in k or k.endswith('norm.weight'))
+    with pytest.raises(eva_open_clip.CheckpointError) as info:  # a head bias is not this model's
+        _load(case, dict(sd, **{'visual.head.bias': torch.zeros(32, dtype=torch.float16)}), tmp_path, 'extra.pt')
+    assert "1 unexpected key(s): 'visual.head.bias'" in str(info.value) and 'missing' not in str(info.value)
+    del sd['visual.head.weight']
+    with pytest.raises(eva_open_clip.CheckpointError) as info:
+        _load(case, sd, tmp_path, 'missing.pt')
+    assert "1 missing key(s): 'visual.head.weight'" in str(info.value) and 'head.bias' not in str(info.value)
+    path = tmp_path / 'full.pt'
+    torch.save(released_state_dict(case), path)
+    out = export_folder(path, tmp_path / 'exported', model_name=model_name(case))
+    with safe_open(str(out / WEIGHTS_NAME), 'pt') as f:
+        keys = set(f.keys())
+    assert 'visual.trunk.head.weight' in keys and not any(k.endswith(('head.bias', 'norm.bias')) and 'visual' in k
+                                                           for k in keys)
+
+
+def test_rms_norm_is_the_eva_clip_18b_formula():
+    """weight * x * rsqrt(mean(x**2) + 1e-6), the formula of the EVA-CLIP-18B code."""
+    model = open_clip.create_model(model_name('rms_tiny_a'))
+    norm = model.visual.trunk.blocks[0].norm1
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 64) * 3, torch.randn(64)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        expected = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert torch.allclose(norm(x), expected, rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ def _visual_only(case, prefix):
     return {prefix + k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
 
 
-@pytest.mark.parametrize('case', ['tiny_a', 'e02_tiny_a', 'epost_tiny_a'])
+@pytest.mark.parametrize('case', ['tiny_a', 'e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a'])
 @pytest.mark.parametrize('prefix', ['visual.', ''])
 def test_image_tower_loads_strictly(case, prefix, tmp_path):
     path = tmp_path / 'visual.pt'

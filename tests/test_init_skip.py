@@ -5,10 +5,11 @@ import json
 
 import open_clip
 import open_clip.factory as oc_factory
+import pytest
 import torch
 
-from eva_open_clip.registry import get_eva_model
-from conftest import golden, model_name, rel_err
+from eva_open_clip import convert_state_dict
+from conftest import golden, model_name, rel_err, released_state_dict
 
 original_create_model = oc_factory.create_model.__wrapped__  # open_clip's own, without our seam
 
@@ -35,19 +36,40 @@ def test_without_a_checkpoint_the_model_is_initialized_as_before():
     assert 0.01 < qkv.std() < 0.03  # timm's trunc_normal(std=.02), not an empty allocation
 
 
-def test_with_a_checkpoint_the_image_tower_is_not_initialized(tiny_checkpoint):
+@pytest.mark.parametrize('precision', ['fp32', 'bf16', 'pure_bf16'])
+def test_with_a_checkpoint_no_tower_is_initialized(tiny_checkpoint, precision):
     name = model_name('tiny_a')
-    spec = get_eva_model(name).spec
-    text_only = _rng_after(lambda: open_clip.model._build_text_tower(spec.open_clip_cfg['embed_dim'],
-                                                                      spec.open_clip_cfg['text_cfg']))
-    with_checkpoint = _rng_after(lambda: open_clip.create_model(name, pretrained=str(tiny_checkpoint)))
+    untouched = _rng_after(lambda: None)
+    with_checkpoint = _rng_after(lambda: open_clip.create_model(name, pretrained=str(tiny_checkpoint),
+                                                                precision=precision))
     without_checkpoint = _rng_after(lambda: open_clip.create_model(name))
-    assert torch.equal(with_checkpoint, text_only)  # only the text tower drew random numbers
-    assert not torch.equal(without_checkpoint, text_only)
-    model = open_clip.create_model(name, pretrained=str(tiny_checkpoint))
-    g = golden('tiny_a')
-    with torch.no_grad():
-        assert rel_err(model.eval().encode_image(g['pixels']), g['image_features']) < 1e-4
+    assert torch.equal(with_checkpoint, untouched)  # neither tower drew a random number
+    assert not torch.equal(without_checkpoint, untouched)
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16'])
+def test_empty_build_gives_open_clips_dtypes_and_the_checkpoints_values(tiny_checkpoint, precision):
+    """Each tensor is created in the dtype open_clip's precision gives it, holding the file's value."""
+    name = model_name('tiny_a')
+    ours = open_clip.create_model(name, pretrained=str(tiny_checkpoint), precision=precision)
+    reference = original_create_model(name, precision=precision)  # open_clip's own placement and casts
+    reference.load_state_dict(convert_state_dict(released_state_dict('tiny_a')) | {
+        'logit_scale': released_state_dict('tiny_a')['text.logit_scale']})
+    theirs = reference.state_dict()
+    assert ours.state_dict().keys() == theirs.keys()
+    for key, value in ours.state_dict().items():
+        assert value.dtype == theirs[key].dtype, key
+        assert value.device.type == 'cpu', key
+        assert torch.equal(value, theirs[key]), key
+    assert all(type(p) is torch.nn.Parameter for p in ours.parameters())
+    buffers, their_buffers = dict(ours.named_buffers()), dict(reference.named_buffers())
+    assert buffers.keys() == their_buffers.keys() and buffers  # causal mask, fixed zero k bias
+    for key, value in buffers.items():
+        assert value.dtype == their_buffers[key].dtype and torch.equal(value, their_buffers[key]), key
+    if precision == 'fp32':
+        g = golden('tiny_a')
+        with torch.no_grad():
+            assert rel_err(ours.eval().encode_image(g['pixels']), g['image_features']) < 1e-4
 
 
 def test_load_weights_false_initializes(tiny_checkpoint):

@@ -9,7 +9,7 @@ from conftest import released_state_dict
 
 
 def test_pure_and_idempotent():
-    for case in ('tiny_a', 'e02_tiny_a', 'epost_tiny_a'):
+    for case in ('tiny_a', 'e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a'):
         sd = released_state_dict(case)
         keys_before = list(sd)
         once = convert_state_dict(sd)

@@ -115,7 +115,8 @@ def test_forward_intermediates(case, checkpoints):
     with torch.no_grad():
         out = model.forward_intermediates(image=g['pixels'], text=g['tokens'], image_indices=2, text_indices=2)
     grid = g['pixels'].shape[-1] // model.visual.trunk.patch_embed.patch_size[0]
-    assert [t.shape for t in out['image_intermediates']] == [(4, 64, grid, grid)] * 2
+    width = model.visual.trunk.embed_dim
+    assert [t.shape for t in out['image_intermediates']] == [(4, width, grid, grid)] * 2
     assert [t.shape for t in out['text_intermediates']] == [(5, 77, 32)] * 2
     tol = 1e-3 if case == 'e02_tiny_a' else 1e-4
     assert rel_err(out['image_features'], F.normalize(g['image_features'], dim=-1)) < tol
@@ -135,7 +136,7 @@ def test_force_image_size(case, checkpoints):
         model_name(case), pretrained=str(checkpoints[case]), force_image_size=larger)
     trunk = model.visual.trunk
     grid = larger // patch
-    assert trunk.pos_embed.shape == (1, 1 + grid * grid, 64)
+    assert trunk.pos_embed.shape == (1, 1 + grid * grid, trunk.embed_dim)
     assert preprocess.transforms[0].size == larger
     # the class token's position embedding is kept, the grid is resampled from the checkpoint's
     released = released_state_dict(case)['visual.pos_embed'].float()

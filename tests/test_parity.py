@@ -24,7 +24,7 @@ def test_tokenizer_matches_original_tokens():
     assert torch.equal(tokenizer(g['captions']), g['tokens'])
 
 
-@pytest.mark.parametrize('case', ['tiny_a', 'e02_tiny_a', 'epost_tiny_a'])
+@pytest.mark.parametrize('case', ['tiny_a', 'e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a'])
 def test_preprocessing_matches_original_pixels(case, tiny_checkpoint):
     g = golden(case)
     _, _, preprocess = open_clip.create_model_and_transforms(model_name(case))
