@@ -40,13 +40,15 @@ def build_eva_model_and_transforms(
 ) -> Tuple[OriginalApiCLIP, Callable]:
     """Build an EVA model and its inference transform, as the original `clip` module did.
 
-    `pretrained` is a checkpoint path or a pretrained tag (downloaded through huggingface_hub).
+    `pretrained` is a checkpoint path or a pretrained tag (downloaded through huggingface_hub). The
+    model is returned in eval mode, as the original's was (its README examples rely on it); open_clip's
+    own factories keep open_clip's convention and return models in training mode.
     """
     model, preprocess = open_clip.create_model_from_pretrained(
         model_name, pretrained=pretrained or None, precision=precision, device=device,
         force_quick_gelu=force_quick_gelu, image_mean=image_mean, image_std=image_std)
     model.__class__ = OriginalApiCLIP
-    return model, preprocess
+    return model.eval(), preprocess
 
 
 def create_model_and_transforms(model_name: str, pretrained: str = '') -> Tuple[OriginalApiCLIP, Callable]:

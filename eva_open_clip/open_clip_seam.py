@@ -17,7 +17,11 @@ private state:
    the checkpoint's tensors are then created straight on the requested device in their final dtype.
    Every supported open_clip (2.24 to 3.x) applies device and precision before loading a checkpoint.
 
-Which open_clip releases have which features is known in `versions.py`.
+5. On open_clip releases before 2.32, `open_clip.model.CustomTextCLIP.forward_intermediates` (the
+   class of EVA models) is absent; a stand-in that names the release it needs is put there.
+
+Which open_clip releases have which features is known in `versions.py`; the wrappers pass open_clip
+only the arguments its installed release knows.
 
 `tests/test_open_clip_seam.py` checks that each of these is still where this module expects it, so an
 open_clip upgrade that moves one fails loudly.
@@ -86,13 +90,12 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(original)
     def create_model(*args: Any, **kwargs: Any):
-        bound = signature.bind_partial(*args, **kwargs)
-        arguments = bound.arguments
-        name = str(arguments.get('model_name', '')).replace('/', '-')  # as open_clip looks names up
+        name = str(args[0] if args else kwargs.get('model_name', '')).replace('/', '-')  # as open_clip looks it up
         if get_eva_model(name) is None:
             return original(*args, **kwargs)
-        if arguments.get('force_image_size') is not None:
-            versions.require_open_clip('force_image_size with EVA models', (3, 0))
+        versions.check_create_model_args(set(signature.parameters), kwargs)
+        bound = signature.bind_partial(*args, **kwargs)
+        arguments = bound.arguments
         if not (arguments.get('pretrained') and arguments.get('load_weights', True)):
             return original(*args, **kwargs)
         pretrained = str(arguments['pretrained'])
@@ -107,6 +110,9 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def install() -> None:
     """Wrap open_clip's `create_model` and `load_checkpoint` (idempotent)."""
+    from open_clip.model import CustomTextCLIP
+    if not hasattr(CustomTextCLIP, 'forward_intermediates'):
+        CustomTextCLIP.forward_intermediates = versions.needs_open_clip('forward_intermediates', (2, 32))
     for attr, wrapper in (('load_checkpoint', _load_checkpoint), ('create_model', _create_model)):
         current = getattr(oc_factory, attr)
         if getattr(current, _WRAPPED, False):

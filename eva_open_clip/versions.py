@@ -1,14 +1,22 @@
 """What the installed open_clip and timm can do: the one place that knows their versions.
 
-eva_open_clip supports open_clip_torch 2.24 to 3.x and timm 1.0.3 to 1.x. Features that an older
-release lacks raise `UnsupportedVersion`, naming the release that has them, instead of failing deep
-inside open_clip or timm.
+eva_open_clip supports open_clip_torch 2.24 to 3.x and timm 1.0.3 to 1.x. A feature that an older
+release lacks raises `UnsupportedVersion`, naming the release that has it, instead of failing deep
+inside open_clip or timm. What each release lacks (see also the README):
+
+| feature | open_clip_torch | timm |
+| --- | --- | --- |
+| `force_image_size` with EVA models | 3.0 (resizes after loading) | 1.0.18 (`Eva.set_input_size`) |
+| `create_model(load_weights=...)`, `local-dir:` models | 3.0 | |
+| `model.forward_intermediates()` | 2.32 | |
+| SwiGLU without sub-LN (`naiveswiglu` alone, custom configs) | | 1.0.20 (`swiglu_align_to`) |
+| open_clip's trainer as `open_clip_train.main` (before: `training.main`) | 2.26 | |
 """
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import open_clip
 import timm
@@ -29,33 +37,61 @@ def _version(text: str) -> tuple[int, ...]:
 
 OPEN_CLIP = _version(open_clip.__version__)
 TIMM = _version(timm.__version__)
+# open_clip's trainer module: shipped as `training` before open_clip_torch 2.26
+TRAINER_MODULE = 'open_clip_train.main' if OPEN_CLIP >= (2, 26) else 'training.main'
+# create_model arguments that older open_clip releases lack, with the release that added them
+_CREATE_MODEL_ARGS_SINCE = {'load_weights': (3, 0), 'weights_only': (3, 0)}
+# timm `Eva` arguments that older timm releases lack
+_EVA_ARGS_SINCE = {'swiglu_align_to': (1, 0, 20)}
 
 
-@functools.lru_cache(maxsize=None)
-def _eva_parameters() -> dict[str, Any]:
-    return {k: p.default for k, p in inspect.signature(Eva.__init__).parameters.items() if k != 'self'}
-
-
-def eva_kwargs(kwargs: dict[str, Any], timm_name: str) -> dict[str, Any]:
-    """`kwargs` for timm's `Eva`, leaving out settings this timm lacks while they hold the default.
-
-    A setting that changes the model and that this timm lacks is an `UnsupportedVersion` error.
-    """
-    known = _eva_parameters()
-    out = {}
-    for key, value in kwargs.items():
-        if key in known:
-            out[key] = value
-        elif value not in (0, None, False):
-            raise UnsupportedVersion(
-                f"the EVA image tower '{timm_name}' needs timm's Eva argument '{key}' ({key}={value!r}), "
-                f"which timm {timm.__version__} lacks; upgrade timm (pip install 'timm>=1.0.31')")
-    return out
+def _text(version: tuple[int, ...]) -> str:
+    return '.'.join(map(str, version))
 
 
 def require_open_clip(feature: str, version: tuple[int, ...]) -> None:
     """Raise `UnsupportedVersion` unless the installed open_clip is at least `version`."""
     if OPEN_CLIP < version:
-        needed = '.'.join(map(str, version))
-        raise UnsupportedVersion(f'{feature} needs open_clip_torch >= {needed} '
+        raise UnsupportedVersion(f'{feature} needs open_clip_torch >= {_text(version)} '
                                  f'(installed: {open_clip.__version__})')
+
+
+def require_timm(feature: str, version: tuple[int, ...]) -> None:
+    """Raise `UnsupportedVersion` unless the installed timm is at least `version`."""
+    if TIMM < version:
+        raise UnsupportedVersion(f'{feature} needs timm >= {_text(version)} (installed: {timm.__version__})')
+
+
+def check_create_model_args(known: set[str], arguments: dict[str, Any]) -> None:
+    """Name the open_clip release an unknown `create_model` argument needs, if it is a newer one."""
+    for key in arguments:
+        if key not in known and key in _CREATE_MODEL_ARGS_SINCE:
+            require_open_clip(f'create_model({key}=...)', _CREATE_MODEL_ARGS_SINCE[key])
+    if arguments.get('force_image_size') is not None:
+        require_open_clip('force_image_size with EVA models', (3, 0))
+        require_timm('force_image_size with EVA models', (1, 0, 18))
+
+
+@functools.lru_cache(maxsize=None)
+def _eva_parameters() -> frozenset[str]:
+    return frozenset(inspect.signature(Eva.__init__).parameters)
+
+
+def eva_kwargs(kwargs: dict[str, Any], timm_name: str) -> dict[str, Any]:
+    """`kwargs` for timm's `Eva`, leaving out settings this timm lacks while they hold their default.
+
+    A setting that changes the model and that this timm lacks is an `UnsupportedVersion` error.
+    """
+    known = _eva_parameters()
+    for key, value in kwargs.items():
+        if key not in known and value not in (0, None, False):
+            require_timm(f"the EVA image tower '{timm_name}' ({key}={value!r})", _EVA_ARGS_SINCE.get(key, TIMM + (1,)))
+    return {k: v for k, v in kwargs.items() if k in known}
+
+
+def needs_open_clip(feature: str, version: tuple[int, ...]) -> Callable[..., Any]:
+    """A stand-in method for a feature this open_clip lacks: calling it says which release has it."""
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        require_open_clip(feature, version)
+    method.__name__ = feature
+    return method

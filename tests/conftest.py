@@ -5,14 +5,29 @@ import json
 import math
 from pathlib import Path
 
+import open_clip
 import pytest
+import timm
 import torch
 
 import eva_open_clip
+from eva_open_clip import versions
 
 DATA = Path(__file__).parent / 'data'
 REFERENCE_CASES = ('tiny_a', 'e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a')
 G14_VALUES = 1_136_435_841
+
+
+def needs_open_clip(version: tuple[int, ...], feature: str):
+    """Skip where the installed open_clip lacks `feature` (tests/test_versions.py checks its error there)."""
+    return pytest.mark.skipif(versions.OPEN_CLIP < version, reason=f"{feature} needs open_clip_torch >= "
+                              f"{'.'.join(map(str, version))} (installed: {open_clip.__version__})")
+
+
+def needs_timm(version: tuple[int, ...], feature: str):
+    """Skip where the installed timm lacks `feature` (tests/test_versions.py checks its error there)."""
+    return pytest.mark.skipif(versions.TIMM < version, reason=f"{feature} needs timm >= "
+                              f"{'.'.join(map(str, version))} (installed: {timm.__version__})")
 
 
 def released_state_dict(case: str) -> dict[str, torch.Tensor]:

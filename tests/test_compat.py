@@ -66,13 +66,37 @@ def _run_example(name, tmp_path, substitutions):
                           cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)))
 
 
+def _eval_mode_features(checkpoint, images, texts):
+    """Features of the model in eval mode through open_clip's API: what the original's examples print."""
+    model, _, preprocess = open_clip.create_model_and_transforms('EVA_CLIP_g_14', pretrained=str(checkpoint))
+    model.eval()
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
+        text = model.encode_text(clip.tokenize(texts), normalize=True)
+    return image, text
+
+
+def test_original_factories_return_eval_mode(tiny_checkpoint):
+    model, _ = clip.build_eva_model_and_transforms(model_name('tiny_a'), pretrained=str(tiny_checkpoint))
+    assert not model.training and not any(m.training for m in model.modules())
+    assert open_clip.create_model(model_name('tiny_a'), pretrained=str(tiny_checkpoint)).training  # open_clip's own
+
+
 @pytest.mark.full_size
 def test_readme_example(tmp_path, g14_checkpoint):
-    result = _run_example('readme_example.py', tmp_path, {
-        '/path/to/eva_clip_psz14.pt': repr(str(g14_checkpoint)), '/path/to/image.png': repr(str(BUNDLED_IMAGE))})
-    assert result.returncode == 0, result.stderr[-3000:]
-    probs = [float(x) for x in re.findall(r'[\d.e-]+', result.stdout.split('Label probs:')[1])]
-    assert len(probs) == 3 and sum(probs) == pytest.approx(1, abs=1e-4)
+    """Run as written (no model.eval() in it), it prints the eval-mode probabilities, every time."""
+    from PIL import Image
+    runs = []
+    for _ in range(2):
+        result = _run_example('readme_example.py', tmp_path, {
+            '/path/to/eva_clip_psz14.pt': repr(str(g14_checkpoint)), '/path/to/image.png': repr(str(BUNDLED_IMAGE))})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append([float(x) for x in re.findall(r'[\d.e-]+', result.stdout.split('Label probs:')[1])])
+    image, text = _eval_mode_features(g14_checkpoint, [Image.open(BUNDLED_IMAGE)], ['a diagram', 'a dog', 'a cat'])
+    expected = (100 * image @ text.T).softmax(dim=-1)[0].tolist()
+    assert runs[0] == runs[1]  # deterministic: drop-path is off
+    assert runs[0] == pytest.approx(expected, abs=1e-5)
+    assert max(expected) - min(expected) > 1e-3  # the check can tell the labels apart
 
 
 @pytest.mark.full_size
@@ -82,5 +106,11 @@ def test_cifar100_example(tmp_path, g14_checkpoint):
         '/path/to/eva_clip_psz14.pt': repr(str(g14_checkpoint)),
         'from torchvision.datasets import CIFAR100': 'from in_memory_cifar import CIFAR100'})
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.strip().endswith('%')]
-    assert len(lines) == 5
+    lines = [line.rsplit(':', 1) for line in result.stdout.splitlines() if line.strip().endswith('%')]
+    from PIL import Image
+    classes = [f'class {i}' for i in range(99)] + ['snake']
+    image, text = _eval_mode_features(g14_checkpoint, [Image.new('RGB', (32, 32), (3637 % 256, 90, 40))],
+                                      [f'a photo of a {c}' for c in classes])
+    values, indices = (100.0 * image @ text.T).softmax(dim=-1)[0].topk(5)
+    assert [name.strip() for name, _ in lines] == [classes[i] for i in indices]
+    assert [float(p.strip(' %')) for _, p in lines] == pytest.approx([100 * v for v in values.tolist()], abs=0.006)

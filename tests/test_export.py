@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import eva_open_clip.export as export
-from conftest import DATA, golden, model_name, rel_err
+from conftest import DATA, golden, model_name, needs_open_clip, rel_err
 
 
 def _cli(*args, **kwargs):
@@ -22,6 +22,7 @@ def _cli(*args, **kwargs):
                           text=True, timeout=600, **kwargs)
 
 
+@needs_open_clip((3, 0), "'local-dir:' loading")
 def test_export_tiny_and_load_it_as_a_local_dir(tmp_path, tiny_checkpoint):
     out = export.export_folder(tiny_checkpoint, tmp_path / 'out', model_name=model_name('tiny_a'))
     assert sorted(p.name for p in out.iterdir()) == ['open_clip_config.json', 'open_clip_model.safetensors']
@@ -89,6 +90,7 @@ def test_cli_convert_names_the_bad_file(tmp_path):
 
 
 @pytest.mark.full_size
+@needs_open_clip((3, 0), "'local-dir:' loading")
 def test_g14_export_loads_in_plain_open_clip(tmp_path, g14_checkpoint):
     image_path = DATA / 'images' / 'palette_120.png'
     model, _, preprocess = open_clip.create_model_and_transforms('EVA_CLIP_g_14', pretrained=str(g14_checkpoint))

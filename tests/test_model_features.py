@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REFERENCE_CASES, golden, model_name, rel_err, released_state_dict
+from conftest import REFERENCE_CASES, golden, model_name, needs_open_clip, needs_timm, rel_err, released_state_dict
 
 PRECISIONS = ['fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16']
 AUTOCAST = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}
@@ -109,6 +109,7 @@ def test_lock_text_tower(checkpoints):
 
 
 @pytest.mark.parametrize('case', REFERENCE_CASES)
+@needs_open_clip((2, 32), 'forward_intermediates')
 def test_forward_intermediates(case, checkpoints):
     model = _load(case, checkpoints)
     g = golden(case)
@@ -124,6 +125,8 @@ def test_forward_intermediates(case, checkpoints):
 
 
 @pytest.mark.parametrize('case', REFERENCE_CASES)
+@needs_open_clip((3, 0), 'force_image_size with EVA models')
+@needs_timm((1, 0, 18), 'force_image_size with EVA models')
 def test_force_image_size(case, checkpoints):
     g = golden(case)
     native = g['pixels'].shape[-1]

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
+from eva_open_clip import versions
 from conftest import golden, released_state_dict
 
-TRAIN = ['-m', 'open_clip_train.main', '--dataset-type', 'synthetic', '--epochs', '1', '--workers', '0',
+TRAIN = ['-m', versions.TRAINER_MODULE, '--dataset-type', 'synthetic', '--epochs', '1', '--workers', '0',
          '--device', 'cpu', '--lr', '1e-3', '--warmup', '1', '--zeroshot-frequency', '0', '--seed', '0',
          '--precision', 'fp32']
 
@@ -70,7 +71,7 @@ def test_arguments_and_exit_code_pass_through(tmp_path):
     result = _run([sys.executable, '-m', 'eva_open_clip', 'run', str(script), '--model', 'x', '-m', 'y'], cwd=tmp_path)
     assert result.returncode == 3
     assert result.stdout.strip() == str([str(script), '--model', 'x', '-m', 'y'])
-    result = _run([sys.executable, '-m', 'eva_open_clip', 'run', '-m', 'open_clip_train.main', '--no-such-flag'],
+    result = _run([sys.executable, '-m', 'eva_open_clip', 'run', '-m', versions.TRAINER_MODULE, '--no-such-flag'],
                   cwd=tmp_path)
     assert result.returncode == 2 and '--no-such-flag' in result.stderr
 
