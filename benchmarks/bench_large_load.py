@@ -159,7 +159,7 @@ def main() -> None:
     if args.compare:
         import eva_open_clip
         renamed = workdir / f'{args.model}.open_clip_keys.pt'
-        state_dict = eva_open_clip.convert_state_dict(torch.load(checkpoint, mmap=True, weights_only=True))
+        state_dict = eva_open_clip.convert_state_dict(torch.load(str(checkpoint), mmap=True, weights_only=True))
         torch.save(state_dict, renamed)
         del state_dict
         generated.append(renamed)

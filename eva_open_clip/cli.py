@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .data import CAPTION_KEY, IMAGE_KEYS
 from .runner import USAGE as RUN_USAGE, run_target
 
 
@@ -25,10 +27,10 @@ def _convert(args: argparse.Namespace) -> int:
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16')
 
 
-def _encoder(args: argparse.Namespace):
+def _encoder(args: argparse.Namespace, device: str | None = None):
     from .cpu_memory import keep_freed_memory
     from .inference import Encoder, default_device, load_model
-    device = args.device or default_device()
+    device = device or args.device or default_device()
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
     if device == 'cpu':
         keep_freed_memory()
@@ -45,10 +47,58 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _embed(args: argparse.Namespace) -> int:
     from .embed import embed, paths_file
-    if not args.paths and not args.text_file:
-        raise SystemExit('eva-open-clip embed: give image files/folders, or --text-file FILE')
-    rows = embed(_encoder(args), args.paths, args.out, batch_size=args.batch_size, text_file=args.text_file)
+    if not args.inputs and not args.text_file and not args.files_from:
+        raise SystemExit('eva-open-clip embed: give images, folders, tar shards, --files-from LIST or --text-file FILE')
+    if not args.out.endswith('.npy'):
+        return _embed_folder(args)
+    if args.captions:
+        raise SystemExit('eva-open-clip embed: --captions writes the folder layout: give --out DIR')
+    rows = embed(_encoder(args), args.inputs, args.out, batch_size=args.batch_size, text_file=args.text_file,
+                 files_from=args.files_from, workers=_workers(args), image_keys=args.image_key.split(','))
     print(f'wrote {rows} rows to {args.out} and {paths_file(Path(args.out))}', file=sys.stderr)
+    return 0
+
+
+def _workers(args: argparse.Namespace) -> int:
+    from .embed import default_workers
+    return default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if args.workers is None else args.workers
+
+
+def _embed_folder(args: argparse.Namespace) -> int:
+    """The folder layout, on one process or on every rank of a torchrun/srun launch."""
+    import torch
+    import torch.distributed as dist
+    from .embed import FolderSettings, embed_folder, write_summary
+    from .inference import default_pretrained
+    if args.text_file:
+        raise SystemExit('eva-open-clip embed: --text-file writes one FILE.npy: give --out FILE.npy')
+    world_size, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    device = args.device
+    if world_size > 1:
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device and device.startswith('cuda') else 'gloo')
+    try:
+        settings = FolderSettings(
+            model=args.model, pretrained=args.pretrained or default_pretrained(args.model) or '',
+            precision=args.precision, inputs=list(args.inputs), files_from=args.files_from,
+            part_size=args.part_size, batch_size=args.batch_size, captions=args.captions,
+            image_keys=args.image_key.split(','), caption_key=args.caption_key)
+        counts = embed_folder(_encoder(args, device), settings, Path(args.out), _workers(args), rank=rank,
+                              world_size=world_size, barrier=dist.barrier if world_size > 1 else lambda: None)
+        ranks = [counts]
+        if world_size > 1:
+            ranks = [None] * world_size
+            dist.all_gather_object(ranks, counts)
+        if rank == 0:
+            summary = write_summary(Path(args.out), settings, ranks)
+            print(f"embedded {summary['rows']} samples of {summary['units']} input shards into {args.out} "
+                  f"({summary['skipped']} skipped: {summary['skipped_by_reason'] or 'none'}); this run: "
+                  f"{sum(r['rows'] for r in ranks)} samples on {world_size} rank(s)", file=sys.stderr)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
     return 0
 
 
@@ -96,13 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     classify.set_defaults(func=_classify)
 
     embed = sub.add_parser(
-        'embed', help='L2-normalized features of images (or text lines) to a .npy file',
-        description='Embed image files and folders (recursively, sorted by path), or the lines of --text-file. '
-                    'Writes FILE.npy (float32, one L2-normalized row per input) and FILE.paths.txt (row i is '
-                    'line i). Files that fail to decode are skipped and listed in a warning.')
-    embed.add_argument('paths', nargs='*', help='image files or folders')
-    embed.add_argument('--out', required=True, help='output FILE.npy')
+        'embed', help='L2-normalized features of images, image-text pairs or text lines',
+        description='Embed image files, folders (recursively, in path order), --files-from lists and webdataset '
+                    'tar shards (paths, quoted globs or brace patterns such as "data/{00000..00099}.tar"), in the '
+                    'order given, or the lines of --text-file. --out FILE.npy writes one array and FILE.paths.txt '
+                    '(row i is line i). --out DIR writes the clip-retrieval layout (img_emb/, text_emb/ with '
+                    '--captions, metadata/ parquet with image_path, caption, json fields and the image-text '
+                    'similarity), part by part, resumable: run the same command again after an interruption. '
+                    'Under torchrun each rank takes its share of the shards. Samples that cannot be used are '
+                    'skipped and counted, never shifting a row.')
+    embed.add_argument('inputs', nargs='*', help='image files, folders, .tar shards, globs or brace patterns')
+    embed.add_argument('--out', required=True, help='output FILE.npy, or a folder')
+    embed.add_argument('--captions', action='store_true', help='also embed each sample\'s caption (folder output)')
+    embed.add_argument('--files-from', default=None, help='a file with one image path per line')
+    embed.add_argument('--workers', type=int, default=None,
+                       help='DataLoader workers decoding images (default: the available cores, per rank)')
     embed.add_argument('--batch-size', type=int, default=32, help='(default: %(default)s)')
+    embed.add_argument('--part-size', type=int, default=100_000,
+                       help='rows per output part in a folder (default: %(default)s)')
+    embed.add_argument('--image-key', default=','.join(IMAGE_KEYS),
+                       help='webdataset image keys, comma-separated, first found wins (default: %(default)s)')
+    embed.add_argument('--caption-key', default=CAPTION_KEY, help='webdataset caption key (default: %(default)s)')
     embed.add_argument('--text-file', default=None, help='embed the lines of this file instead of images')
     _model_options(embed)
     embed.set_defaults(func=_embed)
@@ -128,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .inference import ToolError
+    from .versions import UnsupportedVersion
     try:
         return args.func(args)
-    except (ToolError, CheckpointError, FileExistsError) as e:
+    except (ToolError, CheckpointError, FileExistsError, UnsupportedVersion) as e:
         print(f'eva-open-clip {args.command}: {e}', file=sys.stderr)
         return 1

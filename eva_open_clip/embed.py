@@ -1,28 +1,70 @@
-"""`eva-open-clip embed`: L2-normalized float32 features of many images (or lines of text) to a .npy file.
+"""`eva-open-clip embed`: L2-normalized float32 features of many images (or lines of text).
 
-Batches are streamed: features go to disk as they are computed, so memory stays flat on large
-folders. Row i of FILE.npy belongs to line i of FILE.paths.txt. Both files are written under temporary
-names and renamed into place at the end, so an interrupted run leaves no partial output.
+Two outputs:
+
+- `--out FILE.npy` (small jobs): one array, row i for line i of FILE.paths.txt, written under
+  temporary names and renamed at the end.
+- `--out DIR` (large jobs), the layout clip-retrieval writes and its tools and autofaiss read:
+  `img_emb/img_emb_N.npy`, with `--captions` also `text_emb/text_emb_N.npy`, and
+  `metadata/metadata_N.parquet` (`image_path`, `caption`, the sample's json fields, `similarity`),
+  aligned row for row. N = unit * 1000 + k (zero-padded, so name order is input order): part k of
+  input unit `unit` (a tar shard, or a run of --part-size files). Each file of a part is written under a
+  temporary name and renamed; `shards/UNIT.json` (rows, parts, skipped samples and why) is written
+  last and marks the unit done. A run started again with the same command skips done units and redoes
+  the others, so it ends with exactly what an uninterrupted run writes; `embed.json` records the
+  settings, and a different model, input, part size or batch size is refused.
+
+Decoding runs in DataLoader workers (see `data.UnitDataset`). Under torchrun each rank takes every
+WORLD_SIZE-th unit, so its parts are the single-process ones; rank 0 writes `summary.json`.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import torch
 from numpy.lib import format as npy_format
 from tqdm import tqdm
 
-from .inference import Encoder, ToolError, batches, decode, image_files, warn_skipped
+from .data import IMAGE_KEYS, InputError, UnitDataset, iter_units
+from .inference import Encoder, ToolError
+
+PARTS_PER_UNIT = 1000
+FORMAT_VERSION = 1
 
 
 def paths_file(out: Path) -> Path:
     """FILE.paths.txt beside FILE.npy."""
     return out.with_name(out.name[:-len('.npy')] + '.paths.txt' if out.name.endswith('.npy') else out.name + '.paths.txt')
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    """DataLoader workers per rank: the cores this process may use, shared among the ranks on the node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
+
+
+def loader(dataset: UnitDataset, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    extra = dict(prefetch_factor=4) if workers else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, **extra)
+
+
+def _progress(rank: int, unit: str) -> tqdm:
+    return tqdm(unit=unit, file=sys.stderr, disable=rank != 0, smoothing=0.1)
+
+
+def _warn_skipped(skipped: Sequence[tuple[str | None, str]]) -> None:
+    if skipped:
+        shown = ', '.join(f'{key or "?"} ({reason})' for key, reason in skipped[:20])
+        more = f' and {len(skipped) - 20} more' if len(skipped) > 20 else ''
+        print(f'warning: skipped {len(skipped)} sample(s): {shown}{more}', file=sys.stderr)
 
 
 class _RowWriter:
@@ -54,37 +96,61 @@ class _RowWriter:
         self.path.unlink(missing_ok=True)
 
 
+def _text_rows(encoder: Encoder, text_file: str, batch_size: int) -> Iterable[tuple[list[str], np.ndarray]]:
+    lines = [line for line in Path(text_file).read_text(encoding='utf-8').splitlines() if line.strip()]
+    if not lines:
+        raise ToolError('nothing to embed')
+    with _progress(0, 'text') as progress:
+        for start in range(0, len(lines), batch_size):
+            chunk = lines[start:start + batch_size]
+            yield chunk, encoder.texts(chunk).numpy()
+            progress.update(len(chunk))
+
+
+def _image_rows(encoder: Encoder, inputs: Sequence[str], files_from: str | None, batch_size: int, workers: int,
+                image_keys: Sequence[str], skipped: list) -> Iterable[tuple[list[str], np.ndarray]]:
+    """(keys, features) in input order: units arrive interleaved from the workers and leave in order."""
+    dataset = UnitDataset(lambda: iter_units(inputs, files_from, 10_000), encoder.preprocess, batch_size,
+                          image_keys=image_keys)
+    pending: dict[int, list] = {}
+    ended: set[int] = set()
+    following = 0
+    with _progress(0, 'img') as progress:
+        for batch in loader(dataset, workers, encoder.device_type == 'cuda'):
+            rows = pending.setdefault(batch['unit'], [])
+            skipped.extend(batch['skipped'])
+            if batch['pixels'] is not None:
+                rows.append((batch['keys'], encoder.encode_pixels(batch['pixels']).numpy()))
+            progress.update(len(batch['keys']) + len(batch['skipped']))
+            if batch['end']:
+                ended.add(batch['unit'])
+            while following in ended:
+                yield from pending.pop(following, [])
+                ended.discard(following)
+                following += 1
+
+
 def embed(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike, batch_size: int = 32,
-          text_file: str | None = None) -> int:
-    """Write FILE.npy and FILE.paths.txt; return the number of rows. Undecodable images are skipped."""
+          text_file: str | None = None, files_from: str | None = None, workers: int = 0,
+          image_keys: Sequence[str] = IMAGE_KEYS) -> int:
+    """Write FILE.npy and FILE.paths.txt; return the number of rows. Unusable samples are skipped."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if text_file:
-        items: list = [line for line in Path(text_file).read_text(encoding='utf-8').splitlines() if line.strip()]
-    else:
-        items = image_files(inputs)
-    if not items:
-        raise ToolError('nothing to embed')
+    skipped: list = []
     writer = _RowWriter(out.parent)
     kept: list[str] = []
-    skipped: list[str] = []
     staged: list[Path] = []
     try:
-        with tqdm(total=len(items), unit='text' if text_file else 'img', file=sys.stderr) as progress:
-            for chunk in batches(items, batch_size):
-                if text_file:
-                    features, names = encoder.texts(chunk), list(chunk)
-                else:
-                    kept_paths, images, failed = decode(chunk)
-                    skipped += failed
-                    names = [str(p) for p in kept_paths]
-                    features = encoder.images(images) if images else None
-                if features is not None:
-                    writer.write(features.numpy())
-                    kept += names
-                progress.update(len(chunk))
+        try:
+            rows = (_text_rows(encoder, text_file, batch_size) if text_file else
+                    _image_rows(encoder, inputs, files_from, batch_size, workers, image_keys, skipped))
+            for keys, features in rows:
+                writer.write(features)
+                kept += keys
+        except InputError as e:
+            raise ToolError(str(e)) from None
         if not kept:
-            raise ToolError('no input could be decoded')
+            raise ToolError('no input could be decoded' if skipped else 'nothing to embed')
         staged.append(writer.finish(out))
         fd, name = tempfile.mkstemp(prefix='.embed-paths.', dir=out.parent)
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
@@ -96,5 +162,193 @@ def embed(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike, batch
         writer.discard()
         for path in staged:
             path.unlink(missing_ok=True)
-    warn_skipped(skipped)
+    _warn_skipped(skipped)
     return len(kept)
+
+
+@dataclass
+class FolderSettings:
+    """What determines the content of an output folder (recorded in DIR/embed.json)."""
+
+    model: str
+    pretrained: str
+    precision: str
+    inputs: list[str]
+    files_from: str | None
+    part_size: int
+    batch_size: int
+    captions: bool
+    image_keys: list[str]
+    caption_key: str
+    format: int = FORMAT_VERSION
+
+
+@dataclass
+class _UnitRows:
+    source: str
+    image: list[np.ndarray] = field(default_factory=list)
+    text: list[np.ndarray] = field(default_factory=list)
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str | None, str]] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)
+    rows: int = 0
+
+
+def _write_tmp(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write what belongs at `path` to `.NAME.tmp` beside it; return that temporary path."""
+    tmp = path.with_name(f'.{path.name}.tmp')
+    write(tmp)
+    return tmp
+
+
+def _metadata_table(rows: list[dict[str, Any]]):
+    import pyarrow as pa
+    try:
+        return pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        # json fields whose values differ in type between samples: keep them as JSON text
+        fixed = {'image_path', 'caption', 'similarity'}
+        return pa.Table.from_pylist([{k: v if k in fixed or v is None else json.dumps(v) for k, v in r.items()}
+                                     for r in rows])
+
+
+class FolderWriter:
+    """Writes the parts and unit records of one output folder (see the module docstring)."""
+
+    def __init__(self, out: Path, settings: FolderSettings, part_size: int):
+        self.out, self.settings, self.part_size = out, settings, part_size
+        self.units: dict[int, _UnitRows] = {}
+        self.finished: list[dict] = []  # records of the units this writer completed
+
+    @staticmethod
+    def done_units(out: Path) -> frozenset[int]:
+        return frozenset(int(p.stem) for p in (out / 'shards').glob('*.json'))
+
+    @staticmethod
+    def prepare(out: Path, settings: FolderSettings) -> None:
+        """Check or record the settings and clear the temporary files of a killed run."""
+        for sub in ('img_emb', 'text_emb', 'metadata', 'shards'):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+            for leftover in (out / sub).glob('.*.tmp'):
+                leftover.unlink()
+        recorded = out / 'embed.json'
+        wanted = json.loads(json.dumps(settings.__dict__))
+        if recorded.exists():
+            found = json.loads(recorded.read_text())
+            differ = [k for k in wanted if found.get(k) != wanted[k]]
+            if differ:
+                detail = '; '.join(f'{k}: {found.get(k)!r} there, {wanted[k]!r} now' for k in differ)
+                raise ToolError(f'{out} holds the output of another embedding run ({detail}); '
+                                f'use a new --out folder, or the same settings to resume')
+        elif any((out / 'shards').iterdir()) or any((out / 'img_emb').iterdir()):
+            raise ToolError(f'{out} holds parts but no embed.json: not an output folder of this tool')
+        else:
+            tmp = out / '.embed.json.tmp'
+            tmp.write_text(json.dumps(wanted, indent=2) + '\n')
+            os.replace(tmp, recorded)
+
+    def add(self, batch: dict, image: np.ndarray | None, text: np.ndarray | None) -> None:
+        unit = self.units.setdefault(batch['unit'], _UnitRows(batch['source']))
+        unit.skipped += batch['skipped']
+        if image is not None:
+            unit.image.append(image)
+            similarity = (image * text).sum(axis=1) if text is not None else None
+            if text is not None:
+                unit.text.append(text)
+            for i, key in enumerate(batch['keys']):
+                row: dict[str, Any] = {'image_path': key}
+                if batch['captions'] is not None:
+                    row['caption'] = batch['captions'][i]
+                meta = batch['metas'][i] or {}
+                row.update({k: v for k, v in meta.items() if k not in ('image_path', 'caption', 'similarity')})
+                if similarity is not None:
+                    row['similarity'] = float(similarity[i])
+                unit.meta.append(row)
+            unit.rows += len(batch['keys'])
+        while sum(len(a) for a in unit.image) >= self.part_size:
+            self._write_part(batch['unit'], unit, self.part_size)
+        if batch['end']:
+            if sum(len(a) for a in unit.image) or not unit.parts and unit.rows:
+                self._write_part(batch['unit'], unit, sum(len(a) for a in unit.image))
+            self._finish_unit(batch['unit'], self.units.pop(batch['unit']))
+
+    def _write_part(self, index: int, unit: _UnitRows, rows: int) -> None:
+        import pyarrow.parquet as pq
+        k = len(unit.parts)
+        if k >= PARTS_PER_UNIT:
+            raise ToolError(f'{unit.source} needs more than {PARTS_PER_UNIT} parts: raise --part-size')
+        name = f'{index * PARTS_PER_UNIT + k:09d}'
+        image = np.concatenate(unit.image)
+        unit.image = [image[rows:]]
+        outputs: list[tuple[Path, Callable[[Path], None]]] = [
+            (self.out / 'img_emb' / f'img_emb_{name}.npy', lambda p, a=image[:rows]: _save_npy(p, a))]
+        if unit.text:
+            text = np.concatenate(unit.text)
+            unit.text = [text[rows:]]
+            outputs.append((self.out / 'text_emb' / f'text_emb_{name}.npy', lambda p, a=text[:rows]: _save_npy(p, a)))
+        meta, unit.meta = unit.meta[:rows], unit.meta[rows:]
+        outputs.append((self.out / 'metadata' / f'metadata_{name}.parquet',
+                        lambda p: pq.write_table(_metadata_table(meta), p)))
+        staged = [(path, _write_tmp(path, write)) for path, write in outputs]
+        for path, tmp in staged:
+            os.replace(tmp, path)
+        unit.parts.append(name)
+
+    def _finish_unit(self, index: int, unit: _UnitRows) -> None:
+        record = dict(unit=index, source=unit.source, rows=unit.rows, parts=unit.parts,
+                      skipped=[dict(key=k, reason=r) for k, r in unit.skipped])
+        path = self.out / 'shards' / f'{index:06d}.json'
+        os.replace(_write_tmp(path, lambda p: p.write_text(json.dumps(record) + '\n')), path)
+        self.finished.append(record)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, 'wb') as f:
+        np.save(f, np.ascontiguousarray(array, dtype=np.float32))
+
+
+def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers: int, rank: int = 0,
+                 world_size: int = 1, barrier: Callable[[], None] = lambda: None) -> dict:
+    """Embed into the folder layout; return this rank's counts (units, rows, skipped)."""
+    if rank == 0:
+        FolderWriter.prepare(out, settings)
+    barrier()  # the other ranks start once rank 0 has checked the folder and cleared leftovers
+    done = FolderWriter.done_units(out)
+    writer = FolderWriter(out, settings, settings.part_size)
+    caption_key = settings.caption_key if settings.captions else None
+    dataset = UnitDataset(lambda: iter_units(settings.inputs, settings.files_from, settings.part_size),
+                          encoder.preprocess, settings.batch_size, rank=rank, world_size=world_size, done=done,
+                          image_keys=settings.image_keys, caption_key=caption_key,
+                          tokenizer=encoder.tokenizer if settings.captions else None)
+    try:
+        with _progress(rank, 'img') as progress:
+            for batch in loader(dataset, workers, encoder.device_type == 'cuda'):
+                image = text = None
+                if batch['pixels'] is not None:
+                    image = encoder.encode_pixels(batch['pixels']).numpy()
+                    if batch['tokens'] is not None:
+                        text = encoder.encode_tokens(batch['tokens']).numpy()
+                writer.add(batch, image, text)
+                progress.update(len(batch['keys']) + len(batch['skipped']))
+    except InputError as e:
+        raise ToolError(str(e)) from None
+    return dict(rank=rank, units=len(writer.finished), rows=sum(r['rows'] for r in writer.finished),
+                skipped=sum(len(r['skipped']) for r in writer.finished))
+
+
+def write_summary(out: Path, settings: FolderSettings, ranks: list[dict]) -> dict:
+    """DIR/summary.json: settings, totals over every done unit, this run's counts per rank."""
+    records = [json.loads(p.read_text()) for p in sorted((out / 'shards').glob('*.json'))]
+    reasons: dict[str, int] = {}
+    for record in records:
+        for s in record['skipped']:
+            reason = s['reason'].split(' (')[0].split(':')[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    summary = dict(model=settings.model, pretrained=settings.pretrained, precision=settings.precision,
+                   units=len(records), rows=sum(r['rows'] for r in records),
+                   parts=sum(len(r['parts']) for r in records),
+                   skipped=sum(len(r['skipped']) for r in records), skipped_by_reason=reasons, ranks=ranks)
+    tmp = out / '.summary.json.tmp'
+    tmp.write_text(json.dumps(summary, indent=2) + '\n')
+    os.replace(tmp, out / 'summary.json')
+    return summary

@@ -116,3 +116,14 @@ def check_filled(module: nn.Module) -> None:
     empty += [k for k, v in module.named_buffers() if v.is_meta]
     if empty:
         raise RuntimeError(f'eva_open_clip: {len(empty)} tensor(s) were left unfilled, e.g. {empty[0]!r}')
+
+
+def meta_model(name: str, **kwargs) -> nn.Module:
+    """An open_clip model with every tensor on the meta device: shapes and dtypes only, no memory.
+
+    Unlike building under `torch.device('meta')`, constructors still compute on the CPU (older timm
+    releases read values while building, e.g. drop-path rates).
+    """
+    import open_clip
+    with empty_build('meta'):
+        return open_clip.create_model(name, device='meta', **kwargs)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, read_state_dict
+from .empty_build import meta_model
 from .layout import convert_state_dict
 from .registry import get_eva_model, list_eva_models
 
@@ -30,8 +31,7 @@ _PRECISION = {torch.float16: 'pure_fp16', torch.bfloat16: 'pure_bf16', torch.flo
 
 @functools.lru_cache(maxsize=None)
 def _expected_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    with torch.device('meta'):
-        model = open_clip.create_model(name, device='meta')
+    model = meta_model(name)
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
 
 

@@ -12,7 +12,8 @@ import torch
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
 from PIL import Image
 
-IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+from . import data
+
 BUNDLED_IMAGE = Path(__file__).parent / 'assets' / 'CLIP.png'
 
 
@@ -60,31 +61,23 @@ def load_model(model_name: str, pretrained: str | None, device: str, precision: 
 
 
 def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and image files found under folders (recursively), sorted by path."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found.extend(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise ToolError(f'{p}: no such file or folder')
-    return sorted(found, key=str)
-
-
-def open_image(path: Path) -> Image.Image | None:
-    """The decoded image, or None when the file cannot be decoded."""
+    """Files as given, and image files found under folders (recursively, in path order)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except Exception:
+        return [Path(p) for _, p in data.input_items([str(p) for p in paths], None)]
+    except data.InputError as e:
+        raise ToolError(str(e)) from None
+
+
+def _opened(path: Path) -> Image.Image | None:
+    try:
+        return data.open_image(path)
+    except Exception:  # PIL raises many types for damaged or non-image files
         return None
 
 
 def decode(paths: Sequence[Path]) -> tuple[list[Path], list[Image.Image], list[str]]:
     """(decoded paths, their images, paths that could not be decoded), keeping the order."""
-    opened = [(p, open_image(p)) for p in paths]
+    opened = [(p, _opened(p)) for p in paths]
     kept = [(p, image) for p, image in opened if image is not None]
     return [p for p, _ in kept], [image for _, image in kept], [str(p) for p, image in opened if image is None]
 
@@ -110,19 +103,28 @@ class Encoder:
         amp = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}.get(precision)
         self._autocast = (lambda: torch.autocast(torch.device(device).type, dtype=amp)) if amp else contextlib.nullcontext
 
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
     @torch.no_grad()
-    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        if self.input_dtype is not None:
-            pixels = pixels.to(self.input_dtype)
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features of a batch of preprocessed images (pinned CPU memory is copied without blocking)."""
+        pixels = pixels.to(self.device, dtype=self.input_dtype, non_blocking=pixels.is_pinned())
         with self._autocast():
             return self.model.encode_image(pixels, normalize=True).float().cpu()
 
     @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device, non_blocking=tokens.is_pinned())
         with self._autocast():
             return self.model.encode_text(tokens, normalize=True).float().cpu()
 
+    def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.encode_pixels(torch.stack([self.preprocess(image) for image in images]))
+
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.encode_tokens(self.tokenizer(list(texts)))
+
     def logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
+        return self.model.logit_scale.detach().exp().item()

@@ -102,7 +102,7 @@ def read_torch_zip(path: str | os.PathLike, weights_only: bool = True) -> Any:
     unpickler.persistent_load = persistent_load
     try:
         return unpickler.load()
-    except pickle.UnpicklingError as e:
+    except (pickle.UnpicklingError, RuntimeError) as e:  # torch < 2.4 raises RuntimeError
         if weights_only and any(w in str(e).lower() for w in ('global', 'unsupported')):
             raise UnsafePickle(str(e)) from None
         raise

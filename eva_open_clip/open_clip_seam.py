@@ -17,8 +17,9 @@ private state:
    the checkpoint's tensors are then created straight on the requested device in their final dtype.
    Every supported open_clip (2.24 to 3.x) applies device and precision before loading a checkpoint.
 
-5. On open_clip releases before 2.32, `open_clip.model.CustomTextCLIP.forward_intermediates` (the
-   class of EVA models) is absent; a stand-in that names the release it needs is put there.
+5. Methods that older open_clip releases lack, called on EVA models, get a stand-in that names the
+   release they need: `CustomTextCLIP.forward_intermediates` (open_clip < 2.32) and
+   `TextTransformer.lock`, which `lock_text_tower` calls (open_clip < 3.1).
 
 Which open_clip releases have which features is known in `versions.py`; the wrappers pass open_clip
 only the arguments its installed release knows.
@@ -111,8 +112,11 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
 def install() -> None:
     """Wrap open_clip's `create_model` and `load_checkpoint` (idempotent)."""
     from open_clip.model import CustomTextCLIP
-    if not hasattr(CustomTextCLIP, 'forward_intermediates'):
-        CustomTextCLIP.forward_intermediates = versions.needs_open_clip('forward_intermediates', (2, 32))
+    from open_clip.transformer import TextTransformer
+    for cls, method, feature, version in ((CustomTextCLIP, 'forward_intermediates', 'forward_intermediates', (2, 32)),
+                                          (TextTransformer, 'lock', 'lock_text_tower', (3, 1))):
+        if not hasattr(cls, method):
+            setattr(cls, method, versions.needs_open_clip(feature, version))
     for attr, wrapper in (('load_checkpoint', _load_checkpoint), ('create_model', _create_model)):
         current = getattr(oc_factory, attr)
         if getattr(current, _WRAPPED, False):

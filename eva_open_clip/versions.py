@@ -1,6 +1,8 @@
 """What the installed open_clip and timm can do: the one place that knows their versions.
 
-eva_open_clip supports open_clip_torch 2.24 to 3.x and timm 1.0.3 to 1.x. A feature that an older
+eva_open_clip supports open_clip_torch 2.24 to 3.x and timm 1.0.13 to 1.x (timm before 1.0.13 computes
+`RmsNorm` from the variance instead of the mean of squares, and its `Eva` gradient checkpointing
+passes keyword arguments that torch's reentrant checkpoint refuses). A feature that an older
 release lacks raises `UnsupportedVersion`, naming the release that has it, instead of failing deep
 inside open_clip or timm. What each release lacks (see also the README):
 
@@ -9,6 +11,7 @@ inside open_clip or timm. What each release lacks (see also the README):
 | `force_image_size` with EVA models | 3.0 (resizes after loading) | 1.0.18 (`Eva.set_input_size`) |
 | `create_model(load_weights=...)`, `local-dir:` models | 3.0 | |
 | `model.forward_intermediates()` | 2.32 | |
+| `model.lock_text_tower()` (open_clip's `TextTransformer.lock`) | 3.1 | |
 | SwiGLU without sub-LN (`naiveswiglu` alone, custom configs) | | 1.0.20 (`swiglu_align_to`) |
 | open_clip's trainer as `open_clip_train.main` (before: `training.main`) | 2.26 | |
 """
@@ -16,10 +19,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from importlib import metadata
 from typing import Any, Callable
 
-import open_clip
-import timm
 from timm.models.eva import Eva
 
 
@@ -35,8 +37,10 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-OPEN_CLIP = _version(open_clip.__version__)
-TIMM = _version(timm.__version__)
+OPEN_CLIP_VERSION = metadata.version('open_clip_torch')  # open_clip < 2.26 has no __version__
+TIMM_VERSION = metadata.version('timm')
+OPEN_CLIP = _version(OPEN_CLIP_VERSION)
+TIMM = _version(TIMM_VERSION)
 # open_clip's trainer module: shipped as `training` before open_clip_torch 2.26
 TRAINER_MODULE = 'open_clip_train.main' if OPEN_CLIP >= (2, 26) else 'training.main'
 # create_model arguments that older open_clip releases lack, with the release that added them
@@ -53,13 +57,13 @@ def require_open_clip(feature: str, version: tuple[int, ...]) -> None:
     """Raise `UnsupportedVersion` unless the installed open_clip is at least `version`."""
     if OPEN_CLIP < version:
         raise UnsupportedVersion(f'{feature} needs open_clip_torch >= {_text(version)} '
-                                 f'(installed: {open_clip.__version__})')
+                                 f'(installed: {OPEN_CLIP_VERSION})')
 
 
 def require_timm(feature: str, version: tuple[int, ...]) -> None:
     """Raise `UnsupportedVersion` unless the installed timm is at least `version`."""
     if TIMM < version:
-        raise UnsupportedVersion(f'{feature} needs timm >= {_text(version)} (installed: {timm.__version__})')
+        raise UnsupportedVersion(f'{feature} needs timm >= {_text(version)} (installed: {TIMM_VERSION})')
 
 
 def check_create_model_args(known: set[str], arguments: dict[str, Any]) -> None:

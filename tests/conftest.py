@@ -5,9 +5,7 @@ import json
 import math
 from pathlib import Path
 
-import open_clip
 import pytest
-import timm
 import torch
 
 import eva_open_clip
@@ -21,13 +19,13 @@ G14_VALUES = 1_136_435_841
 def needs_open_clip(version: tuple[int, ...], feature: str):
     """Skip where the installed open_clip lacks `feature` (tests/test_versions.py checks its error there)."""
     return pytest.mark.skipif(versions.OPEN_CLIP < version, reason=f"{feature} needs open_clip_torch >= "
-                              f"{'.'.join(map(str, version))} (installed: {open_clip.__version__})")
+                              f"{'.'.join(map(str, version))} (installed: {versions.OPEN_CLIP_VERSION})")
 
 
 def needs_timm(version: tuple[int, ...], feature: str):
     """Skip where the installed timm lacks `feature` (tests/test_versions.py checks its error there)."""
     return pytest.mark.skipif(versions.TIMM < version, reason=f"{feature} needs timm >= "
-                              f"{'.'.join(map(str, version))} (installed: {timm.__version__})")
+                              f"{'.'.join(map(str, version))} (installed: {versions.TIMM_VERSION})")
 
 
 def released_state_dict(case: str) -> dict[str, torch.Tensor]:

@@ -73,7 +73,7 @@ def _eval_mode_features(checkpoint, images, texts):
     with torch.no_grad():
         image = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
         text = model.encode_text(clip.tokenize(texts), normalize=True)
-    return image, text
+    return image, text, model.logit_scale.exp().item()
 
 
 def test_original_factories_return_eval_mode(tiny_checkpoint):
@@ -92,8 +92,9 @@ def test_readme_example(tmp_path, g14_checkpoint):
             '/path/to/eva_clip_psz14.pt': repr(str(g14_checkpoint)), '/path/to/image.png': repr(str(BUNDLED_IMAGE))})
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append([float(x) for x in re.findall(r'[\d.e-]+', result.stdout.split('Label probs:')[1])])
-    image, text = _eval_mode_features(g14_checkpoint, [Image.open(BUNDLED_IMAGE)], ['a diagram', 'a dog', 'a cat'])
-    expected = (100 * image @ text.T).softmax(dim=-1)[0].tolist()
+    image, text, scale = _eval_mode_features(g14_checkpoint, [Image.open(BUNDLED_IMAGE)],
+                                             ['a diagram', 'a dog', 'a cat'])
+    expected = (scale * image @ text.T).softmax(dim=-1)[0].tolist()
     assert runs[0] == runs[1]  # deterministic: drop-path is off
     assert runs[0] == pytest.approx(expected, abs=1e-5)
     assert max(expected) - min(expected) > 1e-3  # the check can tell the labels apart
@@ -109,7 +110,7 @@ def test_cifar100_example(tmp_path, g14_checkpoint):
     lines = [line.rsplit(':', 1) for line in result.stdout.splitlines() if line.strip().endswith('%')]
     from PIL import Image
     classes = [f'class {i}' for i in range(99)] + ['snake']
-    image, text = _eval_mode_features(g14_checkpoint, [Image.new('RGB', (32, 32), (3637 % 256, 90, 40))],
+    image, text, _ = _eval_mode_features(g14_checkpoint, [Image.new('RGB', (32, 32), (3637 % 256, 90, 40))],
                                       [f'a photo of a {c}' for c in classes])
     values, indices = (100.0 * image @ text.T).softmax(dim=-1)[0].topk(5)
     assert [name.strip() for name, _ in lines] == [classes[i] for i in indices]

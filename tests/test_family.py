@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import eva_open_clip
+from eva_open_clip.empty_build import empty_build, meta_model
 from eva_open_clip.registry import BUILTIN_MODELS, model_configs_dir
 from conftest import (DATA, eva_clip_rope_tables, golden, manifest, model_name, needs_open_clip, random_checkpoint, rel_err,
                       released_state_dict)
@@ -81,15 +82,14 @@ def test_rotary_tables_of_another_grid_are_an_error(tmp_path):
 @pytest.mark.parametrize('name', FAMILY)
 def test_released_manifest_matches_the_model_exactly(name):
     released = manifest(name)
-    with torch.device('meta'):
-        model = open_clip.create_model(name, device='meta')
+    model = meta_model(name)
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert eva_open_clip.convert_state_dict(released) == expected
 
 
 @pytest.mark.parametrize('name', FAMILY)
 def test_family_preprocessing(name):
-    with torch.device('meta'):
+    with empty_build('meta'):
         _, _, preprocess = open_clip.create_model_and_transforms(name, device='meta')
     size = json.loads((model_configs_dir() / f'{name}.json').read_text())['vision_cfg']['image_size']
     assert size == {'EVA02-CLIP-L-14-336': 336, 'EVA-CLIP-8B-448': 448}.get(name, 224)
@@ -140,8 +140,8 @@ def test_stock_timm_architecture_is_the_same_model(name):
     spec = get_eva_model(name).spec
     stock = spec.stock_timm_name()
     assert stock is not None
-    with torch.device('meta'):
-        ours = open_clip.create_model(name, device='meta').visual.trunk
+    ours = meta_model(name).visual.trunk
+    with empty_build('meta'):
         theirs = timm.create_model(stock, pretrained=False, num_classes=spec.open_clip_cfg['embed_dim'],
                                    global_pool='token')
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}

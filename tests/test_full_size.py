@@ -15,7 +15,7 @@ def test_g14_loads_strictly_and_encodes(g14_checkpoint):
     model, _, preprocess = open_clip.create_model_and_transforms('EVA_CLIP_g_14', pretrained=str(g14_checkpoint))
     tokenizer = open_clip.get_tokenizer('EVA_CLIP_g_14')
     assert sum(p.numel() for p in model.parameters()) == G14_VALUES
-    sd = torch.load(g14_checkpoint, mmap=True, weights_only=True)
+    sd = torch.load(str(g14_checkpoint), mmap=True, weights_only=True)
     assert torch.equal(model.visual.trunk.blocks[39].mlp.fc1.weight, sd['visual.blocks.39.mlp.fc1.weight'].float())
     assert torch.equal(model.visual.trunk.head.bias, sd['visual.head.bias'].float())
     assert model.logit_scale.item() == pytest.approx(sd['text.logit_scale'].item())

@@ -8,9 +8,9 @@ import sys
 
 import open_clip
 import pytest
-import torch
 
 import eva_open_clip
+from eva_open_clip.empty_build import empty_build, meta_model
 from eva_open_clip.configs import build_spec
 from eva_open_clip.registry import BUILTIN_MODELS, get_eva_model, model_configs_dir
 from conftest import DATA, golden
@@ -44,7 +44,7 @@ def test_g14_architecture_is_the_released_one():
 
 
 def test_g14_preprocessing_is_the_original():
-    with torch.device('meta'):
+    with empty_build('meta'):
         _, _, preprocess = open_clip.create_model_and_transforms('EVA_CLIP_g_14', device='meta')
     resize, crop = preprocess.transforms[0], preprocess.transforms[1]
     assert resize.size == 224 and resize.interpolation.value == 'bicubic'
@@ -55,8 +55,7 @@ def test_g14_preprocessing_is_the_original():
 
 
 def test_drop_path_applies_in_training_mode(tiny_checkpoint):
-    with torch.device('meta'):
-        model = open_clip.create_model('EVA_CLIP_g_14', device='meta')
+    model = meta_model('EVA_CLIP_g_14')
     rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, 'drop_prob') else 0.0 for b in model.visual.trunk.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.4)
     assert rates == sorted(rates)

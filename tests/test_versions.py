@@ -19,13 +19,13 @@ from conftest import golden, model_name
 
 
 def _lacks_open_clip(version):
-    return pytest.mark.skipif(versions.OPEN_CLIP >= version, reason=f'open_clip {open_clip.__version__} has it')
+    return pytest.mark.skipif(versions.OPEN_CLIP >= version, reason=f'open_clip {versions.OPEN_CLIP_VERSION} has it')
 
 
 def test_versions_are_read_from_the_installed_packages():
     assert versions._version('2.24.0') == (2, 24, 0) and versions._version('1.0.20.dev0') == (1, 0, 20)
     assert versions._version('3.3.0+cpu') == (3, 3, 0)
-    assert versions.OPEN_CLIP == versions._version(open_clip.__version__)
+    assert versions.OPEN_CLIP == versions._version(getattr(open_clip, '__version__', versions.OPEN_CLIP_VERSION))
     assert versions.TIMM == versions._version(timm.__version__)
 
 
@@ -54,10 +54,17 @@ def test_forward_intermediates_names_the_release_it_needs(tiny_checkpoint):
         model.forward_intermediates(image=g['pixels'], text=g['tokens'])
 
 
-@pytest.mark.skipif(versions.TIMM >= (1, 0, 20), reason=f'timm {timm.__version__} has it')
+@pytest.mark.skipif(versions.TIMM >= (1, 0, 20), reason=f'timm {versions.TIMM_VERSION} has it')
 def test_swiglu_without_sub_ln_names_the_timm_it_needs():
     config = json.loads(json.dumps(golden('tiny_a')['config']))
     config['vision_cfg']['naiveswiglu'] = True
     eva_open_clip.register_eva_model('test-naive-swiglu', config)
     with pytest.raises(UnsupportedVersion, match=r"swiglu_align_to=1\) needs timm >= 1\.0\.20"):
         open_clip.create_model('test-naive-swiglu')
+
+
+@_lacks_open_clip((3, 1))
+def test_lock_text_tower_names_the_release_it_needs(tiny_checkpoint):
+    model = open_clip.create_model(model_name('tiny_a'), pretrained=str(tiny_checkpoint))
+    with pytest.raises(UnsupportedVersion, match=r'lock_text_tower needs open_clip_torch >= 3\.1'):
+        model.lock_text_tower()
