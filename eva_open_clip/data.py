@@ -130,14 +130,44 @@ class Skipped:
 
 
 def _tar_samples(shard: str, image_keys: Sequence[str], caption_key: str | None) -> Iterator[Sample | Skipped]:
-    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
     errors: list[Exception] = []
 
     def handler(exn: Exception) -> bool:
         errors.append(exn)
         return False  # a damaged tar cannot be read past the damage: stop this shard
 
-    for raw in wds.tarfile_to_samples(handler=handler)(iter([{'url': shard}])):
+    with open(shard, 'rb') as stream:
+        members = tar_file_expander(iter([{'url': shard, 'stream': stream}]), handler=handler)
+        last = None
+        for sample in _grouped(group_by_keys(members, handler=handler), image_keys, caption_key):
+            if last is not None:
+                yield last
+            last = sample
+    damaged = [f'{type(e).__name__}: {str(e)[:200]}' for e in errors]
+    if not _has_end_marker(shard):
+        damaged.append('no end-of-archive marker (truncated?)')
+    if damaged and isinstance(last, Sample):  # the last sample may have lost members to the damage
+        last = Skipped(last.key, 'damaged tar: the sample before the damage may be incomplete')
+    if last is not None:
+        yield last
+    for reason in damaged:
+        yield Skipped(None, f'damaged tar: {reason}')
+
+
+def _has_end_marker(shard: str) -> bool:
+    """Whether a tar file ends as every complete tar does: whole 512-byte blocks, the last two zero."""
+    size = os.path.getsize(shard)
+    if size < 1024 or size % 512:
+        return False
+    with open(shard, 'rb') as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
+
+
+def _grouped(samples: Iterator[dict], image_keys: Sequence[str], caption_key: str | None) -> Iterator[Sample | Skipped]:
+    """Samples from webdataset's grouped tar members (`__key__`, then one entry per file extension)."""
+    for raw in samples:
         key = raw.get('__key__')
         image = next((raw[k] for k in image_keys if k in raw), None)
         if image is None:
@@ -153,8 +183,6 @@ def _tar_samples(shard: str, image_keys: Sequence[str], caption_key: str | None)
                 yield Skipped(key, f'json is not a JSON object ({str(e)[:80]})')
                 continue
         yield Sample(key, image, raw.get(caption_key) if caption_key else None, meta)
-    for exn in errors:
-        yield Skipped(None, f'damaged tar: {type(exn).__name__}: {str(exn)[:200]}')
 
 
 def unit_samples(unit: Unit, image_keys: Sequence[str] = IMAGE_KEYS,

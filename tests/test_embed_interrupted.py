@@ -12,14 +12,20 @@ from conftest import DATA
 class _Interrupting:
     """Stands in for the model-backed encoder: encodes one batch, then is interrupted."""
 
+    device_type = 'cpu'
+
     def __init__(self):
         self.calls = 0
 
-    def images(self, images):
+    @staticmethod
+    def preprocess(image):
+        return torch.zeros(3, 8, 8)
+
+    def encode_pixels(self, pixels):
         self.calls += 1
         if self.calls > 1:
             raise KeyboardInterrupt
-        return torch.nn.functional.normalize(torch.ones(len(images), 4), dim=-1)
+        return torch.nn.functional.normalize(torch.ones(len(pixels), 4), dim=-1)
 
 
 def test_interrupted_embed_leaves_previous_output(tmp_path):
