@@ -95,11 +95,17 @@ def _embed_folder(args: argparse.Namespace) -> int:
             summary = write_summary(Path(args.out), settings, ranks)
             print(f"embedded {summary['rows']} samples of {summary['units']} input shards into {args.out} "
                   f"({summary['skipped']} skipped: {summary['skipped_by_reason'] or 'none'}); this run: "
-                  f"{sum(r['rows'] for r in ranks)} samples on {world_size} rank(s)", file=sys.stderr)
+                  f"{sum(r['rows'] for r in ranks)} samples on {world_size} rank(s)"
+                  f"{_rate(ranks)}", file=sys.stderr)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
     return 0
+
+
+def _rate(ranks: list[dict]) -> str:
+    rates = [r['images_per_s'] for r in ranks if r['images_per_s']]
+    return f', {sum(rates):.2f} img/s after the first batch' if rates else ''
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:

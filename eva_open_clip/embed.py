@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -320,9 +321,12 @@ def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers:
                           encoder.preprocess, settings.batch_size, rank=rank, world_size=world_size, done=done,
                           image_keys=settings.image_keys, caption_key=caption_key,
                           tokenizer=encoder.tokenizer if settings.captions else None)
+    first = None  # when the first batch arrived: the rate excludes loading and worker start-up
     try:
         with _progress(rank, 'img') as progress:
             for batch in loader(dataset, workers, encoder.device_type == 'cuda'):
+                if first is None:
+                    first, first_rows = time.perf_counter(), len(batch['keys'])
                 image = text = None
                 if batch['pixels'] is not None:
                     image = encoder.encode_pixels(batch['pixels']).numpy()
@@ -332,8 +336,11 @@ def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers:
                 progress.update(len(batch['keys']) + len(batch['skipped']))
     except InputError as e:
         raise ToolError(str(e)) from None
-    return dict(rank=rank, units=len(writer.finished), rows=sum(r['rows'] for r in writer.finished),
-                skipped=sum(len(r['skipped']) for r in writer.finished))
+    rows = sum(r['rows'] for r in writer.finished)
+    seconds = time.perf_counter() - first if first is not None else 0.0
+    return dict(rank=rank, units=len(writer.finished), rows=rows,
+                skipped=sum(len(r['skipped']) for r in writer.finished), seconds=seconds,
+                images_per_s=(rows - first_rows) / seconds if seconds > 0 else None)
 
 
 def write_summary(out: Path, settings: FolderSettings, ranks: list[dict]) -> dict:

@@ -101,7 +101,9 @@ def read_torch_zip(path: str | os.PathLike, weights_only: bool = True) -> Any:
     unpickler = Unpickler(io.BytesIO(data), encoding='utf-8')
     unpickler.persistent_load = persistent_load
     try:
-        return unpickler.load()
+        with warnings.catch_warnings():  # torch < 2.2 warns that TypedStorage, its own rebuild format, is deprecated
+            warnings.filterwarnings('ignore', 'TypedStorage is deprecated')
+            return unpickler.load()
     except (pickle.UnpicklingError, RuntimeError) as e:  # torch < 2.4 raises RuntimeError
         if weights_only and any(w in str(e).lower() for w in ('global', 'unsupported')):
             raise UnsafePickle(str(e)) from None
