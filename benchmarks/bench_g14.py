@@ -16,7 +16,6 @@ import itertools
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench_large_load import peak_rss  # VmHWM: not inherited from this parent process
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / 'tests' / 'data' / 'manifests' / 'EVA_CLIP_g_14.manifest.json'
@@ -61,12 +62,12 @@ def child_load(impl: str, precision: str, checkpoint: str) -> dict:
     import open_clip
     if impl == 'eva_open_clip':
         import eva_open_clip  # noqa: F401  (registers EVA_CLIP_g_14)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = peak_rss()
     start = time.perf_counter()
     model = open_clip.create_model(IMPLS[impl], pretrained=checkpoint, precision=precision)
     seconds = time.perf_counter() - start
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return dict(impl=impl, precision=precision, seconds=seconds, peak_rss=peak, import_rss=baseline,
                 model_bytes=params, peak_over_model=peak / params)
 

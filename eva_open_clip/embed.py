@@ -14,11 +14,12 @@ Two outputs:
   the others, so it ends with exactly what an uninterrupted run writes; `embed.json` records the
   settings, and a different model, input, part size or batch size is refused.
 
-Decoding runs in DataLoader workers (see `data.UnitDataset`). Under torchrun each rank takes every
+Decoding runs in DataLoader workers (see `data.UnitDataset` and `batches`). Under torchrun each rank takes every
 WORLD_SIZE-th unit, so its parts are the single-process ones; rank 0 writes `summary.json`.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,9 +53,28 @@ def default_workers(local_world_size: int = 1) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-def loader(dataset: UnitDataset, workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def batches(dataset: UnitDataset, workers: int, device_type: str) -> Iterator[dict]:
+    """The dataset's batches through a DataLoader with `workers` decoding processes.
+
+    On the CPU, the model and the decoding workers share the cores. After a few batches, if this process
+    waited for data longer than it computed, its torch threads are reduced by the number of workers:
+    idle threads of its thread pool otherwise keep spinning on cores the workers need.
+    """
     extra = dict(prefetch_factor=4) if workers else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, **extra)
+    data = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                            pin_memory=device_type == 'cuda', **extra))
+    waited = computed = 0.0
+    for seen in itertools.count():
+        start = time.perf_counter()
+        batch = next(data, None)
+        if batch is None:
+            return
+        received = time.perf_counter()
+        yield batch
+        if seen:  # the first batch includes the workers' start-up
+            waited, computed = waited + received - start, computed + time.perf_counter() - received
+        if seen == 8 and device_type == 'cpu' and workers and waited > computed:
+            torch.set_num_threads(max(1, torch.get_num_threads() - workers))
 
 
 def _progress(rank: int, unit: str) -> tqdm:
@@ -117,7 +137,7 @@ def _image_rows(encoder: Encoder, inputs: Sequence[str], files_from: str | None,
     ended: set[int] = set()
     following = 0
     with _progress(0, 'img') as progress:
-        for batch in loader(dataset, workers, encoder.device_type == 'cuda'):
+        for batch in batches(dataset, workers, encoder.device_type):
             rows = pending.setdefault(batch['unit'], [])
             skipped.extend(batch['skipped'])
             if batch['pixels'] is not None:
@@ -321,12 +341,11 @@ def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers:
                           encoder.preprocess, settings.batch_size, rank=rank, world_size=world_size, done=done,
                           image_keys=settings.image_keys, caption_key=caption_key,
                           tokenizer=encoder.tokenizer if settings.captions else None)
-    first = None  # when the first batch arrived: the rate excludes loading and worker start-up
+    first = None  # when the first batch was done: the rate excludes loading and start-up
+    first_rows = 0
     try:
         with _progress(rank, 'img') as progress:
-            for batch in loader(dataset, workers, encoder.device_type == 'cuda'):
-                if first is None:
-                    first, first_rows = time.perf_counter(), len(batch['keys'])
+            for batch in batches(dataset, workers, encoder.device_type):
                 image = text = None
                 if batch['pixels'] is not None:
                     image = encoder.encode_pixels(batch['pixels']).numpy()
@@ -334,6 +353,8 @@ def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers:
                         text = encoder.encode_tokens(batch['tokens']).numpy()
                 writer.add(batch, image, text)
                 progress.update(len(batch['keys']) + len(batch['skipped']))
+                if first is None and batch['keys']:
+                    first, first_rows = time.perf_counter(), len(batch['keys'])
     except InputError as e:
         raise ToolError(str(e)) from None
     rows = sum(r['rows'] for r in writer.finished)
