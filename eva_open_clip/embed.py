@@ -19,8 +19,10 @@ WORLD_SIZE-th unit, so its parts are the single-process ones; rank 0 writes `sum
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -39,6 +41,7 @@ from .data import IMAGE_KEYS, InputError, UnitDataset, iter_units
 from .inference import Encoder, ToolError
 
 PARTS_PER_UNIT = 1000
+_WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
 FORMAT_VERSION = 1
 
 
@@ -56,11 +59,14 @@ def default_workers(local_world_size: int = 1) -> int:
 def batches(dataset: UnitDataset, workers: int, device_type: str) -> Iterator[dict]:
     """The dataset's batches through a DataLoader with `workers` decoding processes.
 
-    On the CPU, the model and the decoding workers share the cores. After a few batches, if this process
+    Workers are started by a fork server rather than forked from this process, which holds the model (a
+    fork would share its pages copy-on-write and make the model's memory writes fault). On the CPU, the
+    model and the decoding workers share the cores. After a few batches, if this process
     waited for data longer than it computed, its torch threads are reduced by the number of workers:
     idle threads of its thread pool otherwise keep spinning on cores the workers need.
     """
-    extra = dict(prefetch_factor=4) if workers else {}
+    # workers start from a fresh server process, not as forks of this one, which holds the model
+    extra = dict(prefetch_factor=4, multiprocessing_context=_WORKER_START) if workers else {}
     data = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                             pin_memory=device_type == 'cuda', **extra))
     waited = computed = 0.0
@@ -131,7 +137,7 @@ def _text_rows(encoder: Encoder, text_file: str, batch_size: int) -> Iterable[tu
 def _image_rows(encoder: Encoder, inputs: Sequence[str], files_from: str | None, batch_size: int, workers: int,
                 image_keys: Sequence[str], skipped: list) -> Iterable[tuple[list[str], np.ndarray]]:
     """(keys, features) in input order: units arrive interleaved from the workers and leave in order."""
-    dataset = UnitDataset(lambda: iter_units(inputs, files_from, 10_000), encoder.preprocess, batch_size,
+    dataset = UnitDataset(functools.partial(iter_units, inputs, files_from, 10_000), encoder.preprocess, batch_size,
                           image_keys=image_keys)
     pending: dict[int, list] = {}
     ended: set[int] = set()
@@ -337,7 +343,7 @@ def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers:
     done = FolderWriter.done_units(out)
     writer = FolderWriter(out, settings, settings.part_size)
     caption_key = settings.caption_key if settings.captions else None
-    dataset = UnitDataset(lambda: iter_units(settings.inputs, settings.files_from, settings.part_size),
+    dataset = UnitDataset(functools.partial(iter_units, settings.inputs, settings.files_from, settings.part_size),
                           encoder.preprocess, settings.batch_size, rank=rank, world_size=world_size, done=done,
                           image_keys=settings.image_keys, caption_key=caption_key,
                           tokenizer=encoder.tokenizer if settings.captions else None)
