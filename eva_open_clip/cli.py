@@ -105,7 +105,7 @@ def _embed_folder(args: argparse.Namespace) -> int:
 
 def _rate(ranks: list[dict]) -> str:
     rates = [r['images_per_s'] for r in ranks if r['images_per_s']]
-    return f', {sum(rates):.2f} img/s after the first batch' if rates else ''
+    return f', {sum(rates):.4g} img/s after the first batch' if rates else ''
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
