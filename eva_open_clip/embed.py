@@ -270,9 +270,7 @@ class FolderWriter:
         elif any((out / 'shards').iterdir()) or any((out / 'img_emb').iterdir()):
             raise ToolError(f'{out} holds parts but no embed.json: not an output folder of this tool')
         else:
-            tmp = out / '.embed.json.tmp'
-            tmp.write_text(json.dumps(wanted, indent=2) + '\n')
-            os.replace(tmp, recorded)
+            os.replace(_write_tmp(recorded, lambda p: p.write_text(json.dumps(wanted, indent=2) + '\n')), recorded)
 
     def add(self, batch: dict, image: np.ndarray | None, text: np.ndarray | None) -> None:
         unit = self.units.setdefault(batch['unit'], _UnitRows(batch['source']))
@@ -292,11 +290,11 @@ class FolderWriter:
                     row['similarity'] = float(similarity[i])
                 unit.meta.append(row)
             unit.rows += len(batch['keys'])
-        while sum(len(a) for a in unit.image) >= self.part_size:
+        while len(unit.meta) >= self.part_size:  # unit.meta holds the rows not yet written
             self._write_part(batch['unit'], unit, self.part_size)
         if batch['end']:
-            if sum(len(a) for a in unit.image) or not unit.parts and unit.rows:
-                self._write_part(batch['unit'], unit, sum(len(a) for a in unit.image))
+            if unit.meta:
+                self._write_part(batch['unit'], unit, len(unit.meta))
             self._finish_unit(batch['unit'], self.units.pop(batch['unit']))
 
     def _write_part(self, index: int, unit: _UnitRows, rows: int) -> None:
@@ -382,7 +380,6 @@ def write_summary(out: Path, settings: FolderSettings, ranks: list[dict]) -> dic
                    units=len(records), rows=sum(r['rows'] for r in records),
                    parts=sum(len(r['parts']) for r in records),
                    skipped=sum(len(r['skipped']) for r in records), skipped_by_reason=reasons, ranks=ranks)
-    tmp = out / '.summary.json.tmp'
-    tmp.write_text(json.dumps(summary, indent=2) + '\n')
-    os.replace(tmp, out / 'summary.json')
+    path = out / 'summary.json'
+    os.replace(_write_tmp(path, lambda p: p.write_text(json.dumps(summary, indent=2) + '\n')), path)
     return summary
