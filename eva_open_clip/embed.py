@@ -14,7 +14,7 @@ Two outputs:
   the others, so it ends with exactly what an uninterrupted run writes; `embed.json` records the
   settings, and a different model, input, part size or batch size is refused.
 
-Decoding runs in DataLoader workers (see `data.UnitDataset` and `batches`). Under torchrun each rank takes every
+Decoding runs in DataLoader workers (see `data.UnitDataset` and `decoded_batches`). Under torchrun each rank takes every
 WORLD_SIZE-th unit, so its parts are the single-process ones; rank 0 writes `summary.json`.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def default_workers(local_world_size: int = 1) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-def batches(dataset: UnitDataset, workers: int, device_type: str) -> Iterator[dict]:
+def decoded_batches(dataset: UnitDataset, workers: int, device_type: str) -> Iterator[dict]:
     """The dataset's batches through a DataLoader with `workers` decoding processes.
 
     Workers are started by a fork server rather than forked from this process, which holds the model (a
@@ -143,7 +143,7 @@ def _image_rows(encoder: Encoder, inputs: Sequence[str], files_from: str | None,
     ended: set[int] = set()
     following = 0
     with _progress(0, 'img') as progress:
-        for batch in batches(dataset, workers, encoder.device_type):
+        for batch in decoded_batches(dataset, workers, encoder.device_type):
             rows = pending.setdefault(batch['unit'], [])
             skipped.extend(batch['skipped'])
             if batch['pixels'] is not None:
@@ -349,7 +349,7 @@ def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers:
     first_rows = 0
     try:
         with _progress(rank, 'img') as progress:
-            for batch in batches(dataset, workers, encoder.device_type):
+            for batch in decoded_batches(dataset, workers, encoder.device_type):
                 image = text = None
                 if batch['pixels'] is not None:
                     image = encoder.encode_pixels(batch['pixels']).numpy()

@@ -88,8 +88,9 @@ def test_embed_folder_keeps_rows_and_paths_aligned(tmp_path, b16_checkpoint, b16
     assert 'broken.png' in result.stderr and 'warning' in result.stderr
     assert 'img/s' in result.stderr  # tqdm progress bar (streamed inputs: a count and a rate)
     paths = (tmp_path / 'out' / 'features.paths.txt').read_text().splitlines()
+    # inputs in the order given, each folder in path order
     expected = sorted([folder / 'palette_120.png', folder / 'gradient_rgb_300x200.png',
-                       folder / 'nested' / 'noise.png', extra], key=str)
+                       folder / 'nested' / 'noise.png'], key=str) + [extra]
     assert paths == [str(p) for p in expected]
     features = np.load(out)
     assert features.dtype == np.float32 and features.shape == (4, 512)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import tempfile
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -36,9 +39,11 @@ def _torch_cannot_run(precision: str) -> str:
     """Why this torch's CPU kernels cannot run open_clip's own (non-EVA) models in `precision`, if so."""
     config = {'embed_dim': 16, 'vision_cfg': {'image_size': 32, 'layers': 1, 'width': 32, 'head_width': 16, 'patch_size': 16},
               'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 16, 'heads': 2, 'layers': 1}}
-    model = open_clip.model.CLIP(**config, cast_dtype=open_clip.get_cast_dtype(precision))
-    if precision in ('fp16', 'bf16', 'pure_fp16', 'pure_bf16'):
-        model.to(torch.float16 if 'fp16' in precision else torch.bfloat16)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / 'probe-tiny-vit.json'
+        path.write_text(json.dumps(config))
+        open_clip.add_model_config(path)
+    model = open_clip.create_model('probe-tiny-vit', precision=precision)  # open_clip's own casts
     try:
         _encode(model.eval(), torch.zeros(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long), precision)
     except RuntimeError as e:
