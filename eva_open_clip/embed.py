@@ -66,7 +66,9 @@ def decoded_batches(dataset: UnitDataset, workers: int, device_type: str) -> Ite
     idle threads of its thread pool otherwise keep spinning on cores the workers need.
     """
     # workers start from a fresh server process, not as forks of this one, which holds the model
-    extra = dict(prefetch_factor=4, multiprocessing_context=_WORKER_START) if workers else {}
+    # (under torchrun, plain fork: a fork server hung there with torch 2.1)
+    start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
+    extra = dict(prefetch_factor=4, multiprocessing_context=start) if workers else {}
     data = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                             pin_memory=device_type == 'cuda', **extra))
     waited = computed = 0.0
