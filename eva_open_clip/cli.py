@@ -104,8 +104,12 @@ def _embed_folder(args: argparse.Namespace) -> int:
 
 
 def _rate(ranks: list[dict]) -> str:
+    """This run's rate, and how much of its time the model waited for decoded images (raise --workers)."""
     rates = [r['images_per_s'] for r in ranks if r['images_per_s']]
-    return f', {sum(rates):.4g} img/s after the first batch' if rates else ''
+    if not rates:
+        return ''
+    waited = sum(r['input_wait_s'] for r in ranks) / sum(r['seconds'] for r in ranks)
+    return f', {sum(rates):.4g} img/s after the first batch ({waited:.1%} of it waiting for decoded images)'
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ import glob
 import io
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -218,7 +219,8 @@ class UnitDataset(torch.utils.data.IterableDataset):
 
     Each item is a dict for one unit: `pixels` (a tensor, or None), `keys`, `captions`, `metas` and
     `skipped` (list of (key, reason)) for at most `batch_size` samples, with `end` True on the unit's
-    last item (which may hold no samples). Units in `done` are passed over.
+    last item (which may hold no samples), and `decode_s`, the CPU time its decoding took. Units in
+    `done` are passed over.
     """
 
     def __init__(self, units: Callable[[], Iterator[Unit]], preprocess: Callable, batch_size: int,
@@ -238,15 +240,16 @@ class UnitDataset(torch.utils.data.IterableDataset):
             if unit.index // self.world_size % workers == worker:
                 yield unit
 
-    def _batch(self, unit: Unit, samples: list, skipped: list, end: bool) -> dict:
+    def _batch(self, unit: Unit, samples: list, skipped: list, end: bool, started: float) -> dict:
         pixels = torch.stack([p for _, p, _, _ in samples]) if samples else None
         captions = [c for _, _, c, _ in samples] if self.caption_key else None
         tokens = self.tokenizer(captions) if self.tokenizer is not None and captions else None
         return dict(unit=unit.index, source=unit.source, pixels=pixels, tokens=tokens,
                     keys=[k for k, _, _, _ in samples], captions=captions, metas=[m for _, _, _, m in samples],
-                    skipped=list(skipped), end=end)
+                    skipped=list(skipped), end=end, decode_s=time.thread_time() - started)
 
     def __iter__(self) -> Iterator[dict]:
+        started = time.thread_time()  # this thread's CPU time, restarted after each batch is taken
         for unit in self.owned_units():
             samples: list = []
             skipped: list = []
@@ -266,6 +269,7 @@ class UnitDataset(torch.utils.data.IterableDataset):
                     continue
                 samples.append((item.key, pixels, caption, item.meta))
                 if len(samples) == self.batch_size:
-                    yield self._batch(unit, samples, skipped, end=False)
-                    samples, skipped = [], []
-            yield self._batch(unit, samples, skipped, end=True)
+                    yield self._batch(unit, samples, skipped, end=False, started=started)
+                    samples, skipped, started = [], [], time.thread_time()
+            yield self._batch(unit, samples, skipped, end=True, started=started)
+            started = time.thread_time()

@@ -14,7 +14,7 @@ Two outputs:
   the others, so it ends with exactly what an uninterrupted run writes; `embed.json` records the
   settings, and a different model, input, part size or batch size is refused.
 
-Decoding runs in DataLoader workers (see `data.UnitDataset` and `decoded_batches`). Under torchrun each rank takes every
+Decoding runs in DataLoader workers (see `data.UnitDataset` and `DecodedBatches`). Under torchrun each rank takes every
 WORLD_SIZE-th unit, so its parts are the single-process ones; rank 0 writes `summary.json`.
 """
 from __future__ import annotations
@@ -56,33 +56,57 @@ def default_workers(local_world_size: int = 1) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
-def decoded_batches(dataset: UnitDataset, workers: int, device_type: str) -> Iterator[dict]:
-    """The dataset's batches through a DataLoader with `workers` decoding processes.
+class DecodedBatches:
+    """The dataset's batches through a DataLoader with `workers` decoding processes, timing the waits.
 
-    Workers are started by a fork server rather than forked from this process, which holds the model (a
-    fork would share its pages copy-on-write and make the model's memory writes fault). On the CPU, the
-    model and the decoding workers share the cores. After a few batches, if this process
-    waited for data longer than it computed, its torch threads are reduced by the number of workers:
-    idle threads of its thread pool otherwise keep spinning on cores the workers need.
+    `waited` is how long the consumer waited for decoded batches after the first one (which includes the
+    workers' start-up): near zero when the model is the bottleneck, and the cue to raise --workers when
+    not. Workers are started by a fork server rather than forked from this process, which holds the model
+    (a fork would share its pages copy-on-write and make the model's memory writes fault); under torchrun
+    they are plain forks, as a fork server hung there with torch 2.1.
+
+    On the CPU, the model and the decoding workers share the cores. When decoding an image costs more
+    CPU time than encoding it (a small model), the model's torch threads are reduced by the number of
+    workers after the first few batches: left as they are, they contend with the workers for the
+    cores, and each of the model's parallel steps waits for a thread the workers displaced (a tiny
+    model's batch took up to 270 ms so, instead of 3). The workers report their decoding time with each
+    batch; the model's need is the least CPU time per image this process spent on a batch, as
+    contention only ever adds to it.
     """
-    # workers start from a fresh server process, not as forks of this one, which holds the model
-    # (under torchrun, plain fork: a fork server hung there with torch 2.1)
-    start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
-    extra = dict(prefetch_factor=4, multiprocessing_context=start) if workers else {}
-    data = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                            pin_memory=device_type == 'cuda', **extra))
-    waited = computed = 0.0
-    for seen in itertools.count():
-        start = time.perf_counter()
-        batch = next(data, None)
-        if batch is None:
-            return
-        received = time.perf_counter()
-        yield batch
-        if seen:  # the first batch includes the workers' start-up
-            waited, computed = waited + received - start, computed + time.perf_counter() - received
-        if seen == 8 and device_type == 'cpu' and workers and waited > computed:
-            torch.set_num_threads(max(1, torch.get_num_threads() - workers))
+
+    DECIDE_AFTER = 4  # batches measured before the threads are settled (the first one is not measured)
+
+    def __init__(self, dataset: UnitDataset, workers: int, device_type: str):
+        self.dataset, self.workers, self.device_type = dataset, workers, device_type
+        self.waited = 0.0
+        self.decode_cpu, self.decoded, self.model_cpu_per_image = 0.0, 0, float('inf')
+
+    def __iter__(self) -> Iterator[dict]:
+        start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
+        extra = dict(prefetch_factor=4, multiprocessing_context=start) if self.workers else {}
+        data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                                pin_memory=self.device_type == 'cuda', **extra))
+        for seen in itertools.count():
+            asked = time.perf_counter()
+            batch = next(data, None)
+            if batch is None:
+                return
+            received, cpu = time.perf_counter(), time.process_time()
+            yield batch
+            if seen:  # the first batch includes the workers' start-up
+                self.waited += received - asked
+                if batch['keys']:
+                    self.decode_cpu += batch['decode_s']
+                    self.decoded += len(batch['keys'])
+                    used = (time.process_time() - cpu) / len(batch['keys'])
+                    self.model_cpu_per_image = min(self.model_cpu_per_image, used)
+            if seen == self.DECIDE_AFTER:
+                self._settle_threads()
+
+    def _settle_threads(self) -> None:
+        if self.device_type == 'cpu' and self.workers and self.decoded and \
+                self.decode_cpu / self.decoded > self.model_cpu_per_image:
+            torch.set_num_threads(max(1, torch.get_num_threads() - self.workers))
 
 
 def _progress(rank: int, unit: str) -> tqdm:
@@ -145,7 +169,7 @@ def _image_rows(encoder: Encoder, inputs: Sequence[str], files_from: str | None,
     ended: set[int] = set()
     following = 0
     with _progress(0, 'img') as progress:
-        for batch in decoded_batches(dataset, workers, encoder.device_type):
+        for batch in DecodedBatches(dataset, workers, encoder.device_type):
             rows = pending.setdefault(batch['unit'], [])
             skipped.extend(batch['skipped'])
             if batch['pixels'] is not None:
@@ -245,6 +269,12 @@ class FolderWriter:
     """Writes the parts and unit records of one output folder (see the module docstring)."""
 
     def __init__(self, out: Path, settings: FolderSettings, part_size: int):
+        # pyarrow is imported, and its first table built (which imports pandas, when installed), here
+        # rather than at the first part: a broken install fails before any work, and the time is not
+        # taken from the model in the middle of the run
+        import pyarrow.parquet as pq
+        _metadata_table([dict(image_path='')])
+        self.write_table = pq.write_table
         self.out, self.settings, self.part_size = out, settings, part_size
         self.units: dict[int, _UnitRows] = {}
         self.finished: list[dict] = []  # records of the units this writer completed
@@ -300,7 +330,6 @@ class FolderWriter:
             self._finish_unit(batch['unit'], self.units.pop(batch['unit']))
 
     def _write_part(self, index: int, unit: _UnitRows, rows: int) -> None:
-        import pyarrow.parquet as pq
         k = len(unit.parts)
         if k >= PARTS_PER_UNIT:
             raise ToolError(f'{unit.source} needs more than {PARTS_PER_UNIT} parts: raise --part-size')
@@ -315,7 +344,7 @@ class FolderWriter:
             outputs.append((self.out / 'text_emb' / f'text_emb_{name}.npy', lambda p, a=text[:rows]: _save_npy(p, a)))
         meta, unit.meta = unit.meta[:rows], unit.meta[rows:]
         outputs.append((self.out / 'metadata' / f'metadata_{name}.parquet',
-                        lambda p: pq.write_table(_metadata_table(meta), p)))
+                        lambda p: self.write_table(_metadata_table(meta), p)))
         staged = [(path, _write_tmp(path, write)) for path, write in outputs]
         for path, tmp in staged:
             os.replace(tmp, path)
@@ -336,7 +365,11 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers: int, rank: int = 0,
                  world_size: int = 1, barrier: Callable[[], None] = lambda: None) -> dict:
-    """Embed into the folder layout; return this rank's counts (units, rows, skipped)."""
+    """Embed into the folder layout; return this rank's counts (units, rows, skipped) and timings.
+
+    `seconds` and `images_per_s` run from the end of the first batch (loading and start-up excluded);
+    `input_wait_s` is the part of that time spent waiting for decoded images.
+    """
     if rank == 0:
         FolderWriter.prepare(out, settings)
     barrier()  # the other ranks start once rank 0 has checked the folder and cleared leftovers
@@ -349,9 +382,10 @@ def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers:
                           tokenizer=encoder.tokenizer if settings.captions else None)
     first = None  # when the first batch was done: the rate excludes loading and start-up
     first_rows = 0
+    batches = DecodedBatches(dataset, workers, encoder.device_type)
     try:
         with _progress(rank, 'img') as progress:
-            for batch in decoded_batches(dataset, workers, encoder.device_type):
+            for batch in batches:
                 image = text = None
                 if batch['pixels'] is not None:
                     image = encoder.encode_pixels(batch['pixels']).numpy()
@@ -367,7 +401,8 @@ def embed_folder(encoder: Encoder, settings: FolderSettings, out: Path, workers:
     seconds = time.perf_counter() - first if first is not None else 0.0
     return dict(rank=rank, units=len(writer.finished), rows=rows,
                 skipped=sum(len(r['skipped']) for r in writer.finished), seconds=seconds,
-                images_per_s=(rows - first_rows) / seconds if seconds > 0 else None)
+                images_per_s=(rows - first_rows) / seconds if seconds > 0 else None,
+                input_wait_s=batches.waited)
 
 
 def write_summary(out: Path, settings: FolderSettings, ranks: list[dict]) -> dict:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from eva_open_clip.data import UnitDataset, iter_units
+from eva_open_clip.embed import DecodedBatches
 from conftest import DATA, golden, model_name, released_state_dict
 
 SHARDS, PER_SHARD = 5, 60
@@ -148,6 +149,7 @@ def test_shards_with_captions_give_the_api_features_row_for_row(dataset, tiny, t
     cut = {k for k in rows if k.startswith('99999')}
     assert set(rows) == set(good) | cut and 1 <= len(cut) < 20
     assert 'img/s' in result.stderr and f'embedded {len(rows)} samples of 7 input shards' in result.stderr
+    assert 'waiting for decoded images)' in result.stderr
     keys = sorted(good)
     images = [Image.open(io.BytesIO(good[k][0])) for k in keys]
     image, text = _api_features(tiny, images, [good[k][1] for k in keys])
@@ -174,6 +176,8 @@ def test_shards_with_captions_give_the_api_features_row_for_row(dataset, tiny, t
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['rows'] == len(rows) and summary['units'] == 7
     assert summary['skipped'] == len(damaged) + len(cut_skips) and summary['model'] == 'tiny'
+    rank = summary['ranks'][0]
+    assert 0 <= rank['input_wait_s'] <= rank['seconds'] and rank['images_per_s'] > 0
 
 
 def test_folders_and_file_lists(dataset, tiny, tmp_path):
@@ -205,6 +209,46 @@ def test_worker_pixels_are_the_preprocessed_files_bit_for_bit(tiny):
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=1)))
     assert batch['keys'] == paths
     assert torch.equal(batch['pixels'], torch.stack([preprocess(Image.open(p)) for p in paths]))
+
+
+class _SlowlyDecoded(torch.utils.data.IterableDataset):
+    """Batches of one sample, each after 0.1 s of waiting, reporting `decode_s` CPU seconds of decoding."""
+
+    def __init__(self, batches: int, decode_s: float = 0.0):
+        self.batches, self.decode_s = batches, decode_s
+
+    def __iter__(self):
+        for i in range(self.batches):
+            time.sleep(0.1)
+            yield dict(keys=[str(i)], decode_s=self.decode_s)
+
+
+@pytest.mark.parametrize('model_seconds', [0.0, 0.3])
+def test_the_wait_for_decoded_batches_is_measured(model_seconds):
+    batches = DecodedBatches(_SlowlyDecoded(5), 1, 'cpu')
+    started = None
+    for expected, batch in enumerate(batches):
+        assert batch['keys'] == [str(expected)]
+        started = started or time.perf_counter()
+        time.sleep(model_seconds)
+    measured = time.perf_counter() - started
+    if model_seconds:  # the model is the bottleneck: the worker decoded ahead, nothing to wait for
+        assert measured >= 1.2 and batches.waited < 0.1 * measured
+    else:  # decoding is: the model waited for each of the four batches after the first
+        assert 0.3 <= batches.waited <= measured
+
+
+@pytest.mark.parametrize('decode_s, fewer', [(1.0, True), (0.0, False)])
+def test_model_threads_make_room_for_workers_only_when_decoding_costs_more(decode_s, fewer):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        batches = DecodedBatches(_SlowlyDecoded(DecodedBatches.DECIDE_AFTER + 2, decode_s), 2, 'cpu')
+        for _ in batches:
+            sum(range(20_000))  # the model's work: well under a second of CPU time per image
+        assert torch.get_num_threads() == (2 if fewer else 4)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _same_output(a: Path, b: Path) -> None:
