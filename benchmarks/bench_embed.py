@@ -35,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
@@ -87,14 +88,14 @@ def run_embed(pattern: str, out: Path, model: list[str], workers: int, batch: in
     rank = json.loads((out / 'summary.json').read_text())['ranks'][0]
     rss = re.search(r'MAXRSS (\d+)', result.stderr)
     return dict(rows=rank['rows'], images_per_s=rank['images_per_s'], seconds=rank['seconds'],
-                timed_rows=rank['images_per_s'] * rank['seconds'], input_wait_s=rank.get('input_wait_s', 0),
+                timed_rows=rank['images_per_s'] * rank['seconds'], input_wait_s=rank['input_wait_s'],
                 peak_rss=int(rss.group(1)) * 1024)
 
 
 def encode_only(name: str, checkpoint: Path, batch: int, batches: int, min_seconds: float = 0.0,
                 register: Path | None = None) -> dict:
     """encode_image on ready tensors, same model and batch, in a fresh process: after one warm-up
-    batch, at least `batches` batches and `min_seconds`. Returns images and seconds."""
+    batch, at least `batches` batches and `min_seconds`. Returns timed images, seconds and rate."""
     code = f'''
 import time, torch, open_clip, eva_open_clip
 from eva_open_clip.cpu_memory import keep_freed_memory
@@ -139,6 +140,13 @@ def cpu_capacity() -> float:
     return sum(alone / t for t in together)
 
 
+def alternating(rounds: int, first: Any, second: Any) -> Iterator[tuple[int, Any]]:
+    """(round, step): first then second in even rounds, second then first in odd ones (cancels drift)."""
+    for r in range(rounds):
+        for step in ((first, second) if r % 2 == 0 else (second, first)):
+            yield r, step
+
+
 def summed_rate(runs: list[dict]) -> float:
     """Images per second over several runs: their timed images over their timed seconds."""
     return sum(r['timed_rows'] for r in runs) / sum(r['seconds'] for r in runs)
@@ -150,9 +158,8 @@ def tiny_rounds(work: Path, tiny: list[str], checkpoint: Path, config: Path, ima
     (work / 'tiny').mkdir()
     pattern = make_shards(work / 'tiny', images)
     runs: dict[int, list[dict]] = {0: [], 2: []}
-    for r in range(rounds):
-        for workers in ((0, 2) if r % 2 == 0 else (2, 0)):
-            runs[workers].append(run_embed(pattern, work / f'out-tiny-{workers}-{r}', tiny, workers, batch))
+    for r, workers in alternating(rounds, 0, 2):
+        runs[workers].append(run_embed(pattern, work / f'out-tiny-{workers}-{r}', tiny, workers, batch))
     ceiling = encode_only('tiny', checkpoint, batch, 1, min_seconds=10, register=config)['images_per_s']
     serial, parallel = summed_rate(runs[0]), summed_rate(runs[2])
     return dict(serial=serial, workers_2=parallel, scaling=parallel / serial, encode_only=ceiling,
@@ -168,12 +175,11 @@ def g14_rounds(work: Path, images: int, batch: int, rounds: int) -> dict:
     timed_batches = math.ceil(images / batch) - 1
     embeds: list[dict] = []
     encodes: list[dict] = []
-    for r in range(rounds):
-        for step in (('embed', 'encode') if r % 2 == 0 else ('encode', 'embed')):
-            if step == 'embed':
-                embeds.append(run_embed(pattern, work / f'out-g14-{r}', model, 2, batch))
-            else:
-                encodes.append(encode_only('EVA_CLIP_g_14', g14, batch, timed_batches))
+    for r, step in alternating(rounds, 'embed', 'encode'):
+        if step == 'embed':
+            embeds.append(run_embed(pattern, work / f'out-g14-{r}', model, 2, batch))
+        else:
+            encodes.append(encode_only('EVA_CLIP_g_14', g14, batch, timed_batches))
     end_to_end, ceiling = summed_rate(embeds), summed_rate(encodes)
     return dict(images_per_s=end_to_end, encode_only_images_per_s=ceiling, ratio=end_to_end / ceiling,
                 input_wait_fraction=sum(e['input_wait_s'] for e in embeds) / sum(e['seconds'] for e in embeds),
