@@ -9,6 +9,7 @@ from typing import Sequence
 
 from . import __version__
 from .data import CAPTION_KEY, IMAGE_KEYS
+from .errors import ToolError, UsageError
 from .runner import USAGE as RUN_USAGE, run_target
 
 
@@ -46,21 +47,35 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from .embed import embed, paths_file
+    from .npy_output import embed_to_npy, paths_file
     if not args.inputs and not args.text_file and not args.files_from:
-        raise SystemExit('eva-open-clip embed: give images, folders, tar shards, --files-from LIST or --text-file FILE')
+        raise UsageError('give images, folders, tar shards, --files-from LIST or --text-file FILE')
+    for name in ('batch_size', 'part_size'):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError('--workers must be 0 or more')
     if not args.out.endswith('.npy'):
         return _embed_folder(args)
     if args.captions:
-        raise SystemExit('eva-open-clip embed: --captions writes the folder layout: give --out DIR')
-    rows = embed(_encoder(args), args.inputs, args.out, batch_size=args.batch_size, text_file=args.text_file,
-                 files_from=args.files_from, workers=_workers(args), image_keys=args.image_key.split(','))
+        raise UsageError('--captions writes the folder layout: give --out DIR')
+    rows, skipped = embed_to_npy(_encoder(args), args.inputs, args.out, batch_size=args.batch_size,
+                                 text_file=args.text_file, files_from=args.files_from, workers=_workers(args),
+                                 image_keys=args.image_key.split(','))
+    _warn_skipped(skipped)
     print(f'wrote {rows} rows to {args.out} and {paths_file(Path(args.out))}', file=sys.stderr)
     return 0
 
 
+def _warn_skipped(skipped: list) -> None:
+    if skipped:
+        shown = ', '.join(f'{s.key or "?"} ({s.reason})' for s in skipped[:20])
+        more = f' and {len(skipped) - 20} more' if len(skipped) > 20 else ''
+        print(f'warning: skipped {len(skipped)} sample(s): {shown}{more}', file=sys.stderr)
+
+
 def _workers(args: argparse.Namespace) -> int:
-    from .embed import default_workers
+    from .loader import default_workers
     return default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if args.workers is None else args.workers
 
 
@@ -68,13 +83,14 @@ def _embed_folder(args: argparse.Namespace) -> int:
     """The folder layout, on one process or on every rank of a torchrun/srun launch."""
     import torch
     import torch.distributed as dist
-    from .embed import FolderSettings, embed_folder, write_summary
+    from .embed import Ranks, embed_folder
+    from .folder import FolderSettings
     from .inference import default_pretrained
     if args.text_file:
-        raise SystemExit('eva-open-clip embed: --text-file writes one FILE.npy: give --out FILE.npy')
-    world_size, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+        raise UsageError('--text-file writes one FILE.npy: give --out FILE.npy')
+    ranks = Ranks(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)))
     device = args.device
-    if world_size > 1:
+    if ranks.world_size > 1:
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
@@ -82,23 +98,18 @@ def _embed_folder(args: argparse.Namespace) -> int:
     try:
         settings = FolderSettings(
             model=args.model, pretrained=args.pretrained or default_pretrained(args.model) or '',
-            precision=args.precision, inputs=list(args.inputs), files_from=args.files_from,
-            part_size=args.part_size, batch_size=args.batch_size, captions=args.captions,
+            precision=args.precision, part_size=args.part_size, batch_size=args.batch_size, captions=args.captions,
             image_keys=args.image_key.split(','), caption_key=args.caption_key)
-        counts = embed_folder(_encoder(args, device), settings, Path(args.out), _workers(args), rank=rank,
-                              world_size=world_size, barrier=dist.barrier if world_size > 1 else lambda: None)
-        ranks = [counts]
-        if world_size > 1:
-            ranks = [None] * world_size
-            dist.all_gather_object(ranks, counts)
-        if rank == 0:
-            summary = write_summary(Path(args.out), settings, ranks)
-            print(f"embedded {summary['rows']} samples of {summary['units']} input shards into {args.out} "
+        summary = embed_folder(lambda: _encoder(args, device), settings, args.inputs, args.files_from,
+                               Path(args.out), _workers(args), ranks)
+        if summary is not None:
+            ranks_counts = summary['ranks']
+            print(f"embedded {summary['rows']} samples of {summary['units']} units into {args.out} "
                   f"({summary['skipped']} skipped: {summary['skipped_by_reason'] or 'none'}); this run: "
-                  f"{sum(r['rows'] for r in ranks)} samples on {world_size} rank(s)"
-                  f"{_rate(ranks)}", file=sys.stderr)
+                  f"{sum(r['rows'] for r in ranks_counts)} samples on {ranks.world_size} rank(s)"
+                  f"{_rate(ranks_counts)}", file=sys.stderr)
     finally:
-        if world_size > 1:
+        if ranks.world_size > 1:
             dist.destroy_process_group()
     return 0
 
@@ -201,10 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
-    from .inference import ToolError
     from .versions import UnsupportedVersion
     try:
         return args.func(args)
-    except (ToolError, CheckpointError, FileExistsError, UnsupportedVersion) as e:
+    except ToolError as e:
+        print(f'eva-open-clip {args.command}: {e}', file=sys.stderr)
+        return e.exit_code
+    except (CheckpointError, FileExistsError, UnsupportedVersion) as e:
         print(f'eva-open-clip {args.command}: {e}', file=sys.stderr)
         return 1

@@ -1,69 +1,87 @@
-"""Reading what `embed` embeds: image files, folders, file lists and webdataset tar shards, in units of work.
+"""Reading what `embed` embeds: image files, folders, file lists and webdataset tar shards.
 
-Inputs are streamed, never listed whole: folders are walked in path order, `--files-from` is read line
-by line, and tar shards are read with the `webdataset` library. The work is cut into units, each
-written as its own output part(s) and marked done as a whole, which is what makes a run resumable and
-splittable across ranks and DataLoader workers:
+`input_sources` lists the inputs in the order given (folders walked in path order, `--files-from`
+read line by line), each with the identity that shows a later change: size and modification time of
+a tar shard, size of an image file. A missing input is an `InputError` here, before any work.
 
-- one tar shard is one unit;
-- consecutive image files (from files, folders and lists, in the order given) are grouped into units
-  of `part_size` files.
-
-`UnitDataset` decodes and preprocesses in `torch.utils.data.DataLoader` workers and yields batches
-that each belong to one unit, in the unit's order, followed by an end-of-unit record. A sample that
-cannot be used (undecodable image, no image, a caption that is not text, bad json, a truncated tar)
-is reported with its key and reason, never raised.
+`unit_samples` reads the samples of one unit of work (see `units.py`). A sample that cannot be used
+(no image, bad json, ...; see `Skip`) is reported with its key and a reason code, never raised. A tar
+shard is read member by member with Python's `tarfile` (as webdataset does, with webdataset's rule
+for grouping members into samples), so that damage is placed exactly: every sample whose members all
+precede the damage is kept, and the damage is one `Skip` naming the member where the shard ends.
 """
 from __future__ import annotations
 
 import glob
+import gzip
 import io
 import json
 import os
-import time
+import re
+import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
-import torch
 from braceexpand import braceexpand
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+from .errors import UsageError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+SHARD_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
 IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
 CAPTION_KEY = 'txt'
 _PATTERN_CHARS = set('{*?[')
+_WDS_META = re.compile(r'__[^/]*__($|/)')  # webdataset's members that belong to no sample
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """An input argument that names nothing readable."""
 
 
 @dataclass(frozen=True)
-class Unit:
-    """A unit of work: one tar shard, or a run of image files."""
+class Source:
+    """An input file and what shows that it changed: its size, and for a shard its modification time."""
 
-    index: int
-    shard: str | None = None  # a tar shard's path
-    files: tuple[str, ...] = ()  # or image files
+    path: str
+    size: int
+    mtime_ns: int | None = None
 
     @property
-    def source(self) -> str:
-        return self.shard if self.shard is not None else (self.files[0] if self.files else '')
+    def is_shard(self) -> bool:
+        return is_shard(self.path)
+
+    def identity(self) -> list:
+        return [self.path, self.size] + ([self.mtime_ns] if self.mtime_ns is not None else [])
+
+    @staticmethod
+    def from_identity(identity: list) -> 'Source':
+        return Source(*identity)
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    """Image files under `folder`, in the order of their full path strings, without listing it all."""
+def is_shard(path: str) -> bool:
+    return path.endswith(SHARD_SUFFIXES)
+
+
+def _source(path: str, stat: os.stat_result) -> Source:
+    return Source(path, stat.st_size, stat.st_mtime_ns if is_shard(path) else None)
+
+
+def _walk(folder: str) -> Iterator[Source]:
+    """Image files under `folder`, in the order of their full path strings."""
     entries = []
     with os.scandir(folder) as it:
         for entry in it:
             is_dir = entry.is_dir()
-            entries.append((entry.name + ('/' if is_dir else ''), entry.path, is_dir))
-    for _, path, is_dir in sorted(entries):
+            entries.append((entry.name + ('/' if is_dir else ''), entry, is_dir))
+    for _, entry, is_dir in sorted(entries, key=lambda e: e[0]):
         if is_dir:
-            yield from _walk(Path(path))
-        elif Path(path).suffix.lower() in IMAGE_SUFFIXES:
-            yield Path(path)
+            yield from _walk(entry.path)
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+            yield _source(entry.path, entry.stat())
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -74,46 +92,37 @@ def expand_pattern(pattern: str) -> list[str]:
     return found
 
 
-def input_items(inputs: Sequence[str], files_from: str | None) -> Iterator[tuple[str, str]]:
-    """('tar', shard) or ('file', image path) for every input, in the order given."""
+def _stat(path: str, named_by: str) -> Source:
+    try:
+        return _source(path, os.stat(path))
+    except FileNotFoundError:
+        raise InputError(f'{path}: no such file{named_by}') from None
+    except OSError as e:
+        raise InputError(f'{path}: {e.strerror}{named_by}') from None
+
+
+def input_sources(inputs: Sequence[str], files_from: str | None) -> Iterator[Source]:
+    """Every input file (tar shards and image files), in the order given; raises InputError for a missing one."""
     for arg in inputs:
-        path = Path(arg)
-        if path.is_dir():
-            yield from (('file', str(p)) for p in _walk(path))
-        elif path.is_file():
-            yield ('tar' if path.suffix == '.tar' else 'file', str(path))
+        if os.path.isdir(arg):
+            yield from _walk(arg)
+        elif os.path.isfile(arg):
+            yield _stat(arg, '')
         elif set(arg) & _PATTERN_CHARS:
             matches = expand_pattern(arg)
-            missing = [m for m in matches if not os.path.isfile(m)]
-            if not matches or missing:
-                raise InputError(f'{arg}: matches no file' if not matches else f'{missing[0]}: no such file')
-            yield from (('tar' if m.endswith('.tar') else 'file', m) for m in matches)
+            if not matches:
+                raise InputError(f'{arg}: matches no file')
+            yield from (_stat(m, f' (from {arg})') for m in matches)
         else:
             raise InputError(f'{arg}: no such file or folder')
     if files_from:
-        with open(files_from, encoding='utf-8') as lines:
-            for line in lines:
-                if line.strip():
-                    yield ('file', line.rstrip('\n'))
-
-
-def iter_units(inputs: Sequence[str], files_from: str | None, part_size: int) -> Iterator[Unit]:
-    """The units of work of the inputs, numbered from 0 in input order."""
-    index, run = 0, []
-    for kind, path in input_items(inputs, files_from):
-        if kind == 'file':
-            run.append(path)
-            if len(run) == part_size:
-                yield Unit(index, files=tuple(run))
-                index, run = index + 1, []
-            continue
-        if run:
-            yield Unit(index, files=tuple(run))
-            index, run = index + 1, []
-        yield Unit(index, shard=path)
-        index += 1
-    if run:
-        yield Unit(index, files=tuple(run))
+        try:
+            with open(files_from, encoding='utf-8') as lines:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        yield _stat(line.rstrip('\n'), f' (line {number} of --files-from {files_from})')
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f'--files-from {files_from}: {getattr(e, "strerror", None) or e}') from None
 
 
 @dataclass
@@ -124,75 +133,143 @@ class Sample:
     meta: dict | None = None
 
 
-@dataclass
-class Skipped:
+@dataclass(frozen=True)
+class Skip:
+    """A sample that gives no row: its key (None when unknown), a reason code and a detail for people.
+
+    Codes: `no_image`, `bad_json`, `no_caption`, `caption_not_text`, `undecodable_image`, `damaged_tar`.
+    """
+
     key: str | None
     reason: str
+    detail: str = ''
 
 
-def _tar_samples(shard: str, image_keys: Sequence[str], caption_key: str | None) -> Iterator[Sample | Skipped]:
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-    errors: list[Exception] = []
+class _CountedStream:
+    """A binary stream's bytes as read, counted, with the last 1024 kept (to find a tar's end marker)."""
 
-    def handler(exn: Exception) -> bool:
-        errors.append(exn)
-        return False  # a damaged tar cannot be read past the damage: stop this shard
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.total, self.tail = raw, 0, b''
 
-    with open(shard, 'rb') as stream:
-        members = tar_file_expander(iter([{'url': shard, 'stream': stream}]), handler=handler)
-        last = None
-        for sample in _grouped(group_by_keys(members, handler=handler), image_keys, caption_key):
-            if last is not None:
-                yield last
-            last = sample
-    damaged = [f'{type(e).__name__}: {str(e)[:200]}' for e in errors]
-    if not _has_end_marker(shard):
-        damaged.append('no end-of-archive marker (truncated?)')
-    if damaged and isinstance(last, Sample):  # the last sample may have lost members to the damage
-        last = Skipped(last.key, 'damaged tar: the sample before the damage may be incomplete')
-    if last is not None:
-        yield last
-    for reason in damaged:
-        yield Skipped(None, f'damaged tar: {reason}')
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+    def ends_as_a_tar(self) -> bool:
+        """Read to the end; whether the stream is whole 512-byte blocks ending in two zero blocks."""
+        while self.read(1 << 20):
+            pass
+        return self.total >= 1024 and self.total % 512 == 0 and not any(self.tail)
 
 
-def _has_end_marker(shard: str) -> bool:
-    """Whether a tar file ends as every complete tar does: whole 512-byte blocks, the last two zero."""
-    size = os.path.getsize(shard)
-    if size < 1024 or size % 512:
-        return False
-    with open(shard, 'rb') as f:
-        f.seek(size - 1024)
-        return not any(f.read(1024))
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
-def _grouped(samples: Iterator[dict], image_keys: Sequence[str], caption_key: str | None) -> Iterator[Sample | Skipped]:
-    """Samples from webdataset's grouped tar members (`__key__`, then one entry per file extension)."""
-    for raw in samples:
-        key = raw.get('__key__')
-        image = next((raw[k] for k in image_keys if k in raw), None)
-        if image is None:
-            yield Skipped(key, 'no image (' + '/'.join(image_keys) + ')')
-            continue
-        meta = None
-        if 'json' in raw:
+def _tar_members(shard: str) -> Iterator[tuple[str, str, bytes] | Skip]:
+    """(sample key, extension, data) of each member of a shard in order, then a `Skip` if it is damaged.
+
+    A member cut short is not yielded: the Skip carries its sample's key, and that sample is lost.
+    """
+    with open(shard, 'rb') as raw:
+        stream = _CountedStream(gzip.GzipFile(fileobj=raw) if shard.endswith(('.gz', '.tgz')) else raw)
+        last = None  # the last whole member
+        try:
+            archive = tarfile.open(fileobj=stream, mode='r|')
+        except _READ_ERRORS as e:
+            yield Skip(None, 'damaged_tar', f'not a readable tar ({type(e).__name__})')
+            return
+        while True:
             try:
-                meta = json.loads(raw['json'])
-                if not isinstance(meta, dict):
-                    raise ValueError('not an object')
-            except ValueError as e:
-                yield Skipped(key, f'json is not a JSON object ({str(e)[:80]})')
+                info = archive.next()
+            except _READ_ERRORS as e:
+                yield Skip(None, 'damaged_tar', f'unreadable after member {last} ({type(e).__name__})')
+                return
+            if info is None:
+                break
+            key, extension = base_plus_ext(info.name)
+            if not info.isreg() or key is None or _WDS_META.match(info.name):
                 continue
-        yield Sample(key, image, raw.get(caption_key) if caption_key else None, meta)
+            try:
+                data = archive.extractfile(info).read()
+            except _READ_ERRORS as e:
+                yield Skip(key, 'damaged_tar', f'the shard ends inside member {info.name} ({type(e).__name__})')
+                return
+            archive.members = []  # a shard may hold millions of members: keep none
+            last = info.name
+            yield key, extension.lower(), data
+        try:
+            whole = stream.ends_as_a_tar()
+        except _READ_ERRORS:
+            whole = False
+        if not whole:
+            yield _cut_short(stream, archive.offset, last)
 
 
-def unit_samples(unit: Unit, image_keys: Sequence[str] = IMAGE_KEYS,
-                 caption_key: str | None = None) -> Iterator[Sample | Skipped]:
-    """The samples of a unit, in order; a file unit has no captions."""
-    if unit.shard is None:
-        yield from (Sample(path, path) for path in unit.files)
+def _cut_short(stream: _CountedStream, offset: int, last: str | None) -> Skip:
+    """The damage of a shard that ends without an end marker, `offset` being where its next header starts.
+
+    When the shard ends inside that header, the member it begins is named when its name was read (the
+    first 100 bytes of a header), so that the sample it belongs to is known to be incomplete.
+    """
+    cut = stream.total - offset
+    header = stream.tail[-cut:] if 0 < cut < 512 else b''
+    name = header[:100].split(b'\0')[0].decode('utf-8', 'replace')
+    if header and (b'\0' in header[:100] or len(header) >= 100):
+        key = base_plus_ext(name)[0]
+        return Skip(key, 'damaged_tar', f'the shard ends inside the header of member {name}')
+    last_key = base_plus_ext(last)[0] if last else None
+    if header and last_key and ((last_key + '.').startswith(name) or name.startswith(last_key + '.')):  # a name cut short: maybe the last sample's
+        return Skip(last_key, 'damaged_tar', f'the shard ends inside the header of a member after {last}')
+    return Skip(None, 'damaged_tar', f'no end-of-archive marker after member {last} (cut short?)')
+
+
+def _tar_samples(shard: str, image_keys: Sequence[str], caption_key: str | None) -> Iterator[Sample | Skip]:
+    """The samples of a shard: consecutive members with one key (webdataset's rule), in order."""
+    members: dict[str, Any] = {}
+    for item in _tar_members(shard):
+        if isinstance(item, Skip):
+            if item.key is not None and members.get('__key__') == item.key:
+                members = {}  # the sample the damage cut into
+            break
+        key, extension, data = item
+        if members and members['__key__'] != key:
+            yield _sample(members, image_keys, caption_key)
+            members = {}
+        members.setdefault('__key__', key)
+        members.setdefault(extension, data)
     else:
-        yield from _tar_samples(unit.shard, image_keys, caption_key)
+        item = None
+    if members:
+        yield _sample(members, image_keys, caption_key)
+    if item is not None:
+        yield item
+
+
+def _sample(raw: dict[str, Any], image_keys: Sequence[str], caption_key: str | None) -> Sample | Skip:
+    key = raw['__key__']
+    image = next((raw[k] for k in image_keys if k in raw), None)
+    if image is None:
+        return Skip(key, 'no_image', 'no ' + '/'.join(image_keys) + ' member')
+    meta = None
+    if 'json' in raw:
+        try:
+            meta = json.loads(raw['json'])
+        except ValueError as e:
+            return Skip(key, 'bad_json', str(e)[:80])
+        if not isinstance(meta, dict):
+            return Skip(key, 'bad_json', 'not a JSON object')
+    return Sample(key, image, raw.get(caption_key) if caption_key else None, meta)
+
+
+def unit_samples(shard: str | None, files: Sequence[str], image_keys: Sequence[str] = IMAGE_KEYS,
+                 caption_key: str | None = None) -> Iterator[Sample | Skip]:
+    """The samples of a shard, or of image files (which have no captions), in order."""
+    if shard is None:
+        yield from (Sample(path, path) for path in files)
+    else:
+        yield from _tar_samples(shard, image_keys, caption_key)
 
 
 def open_image(source: Any) -> Image.Image:
@@ -202,74 +279,13 @@ def open_image(source: Any) -> Image.Image:
         return image.copy()
 
 
-def caption_text(caption: Any) -> str:
-    """The caption as text (raises ValueError when it is missing or not UTF-8 text)."""
+def caption_text(caption: Any) -> str | Skip:
+    """The caption as text, or the reason it is not usable."""
     if caption is None:
-        raise ValueError('no caption')
+        return Skip(None, 'no_caption')
     if isinstance(caption, bytes):
         try:
             caption = caption.decode('utf-8')
         except UnicodeDecodeError:
-            raise ValueError('caption is not UTF-8 text') from None
+            return Skip(None, 'caption_not_text', 'not UTF-8')
     return caption.strip()
-
-
-class UnitDataset(torch.utils.data.IterableDataset):
-    """Batches of preprocessed images of the units that this rank and DataLoader worker own.
-
-    Each item is a dict for one unit: `pixels` (a tensor, or None), `keys`, `captions`, `metas` and
-    `skipped` (list of (key, reason)) for at most `batch_size` samples, with `end` True on the unit's
-    last item (which may hold no samples), and `decode_s`, the CPU time its decoding took. Units in
-    `done` are passed over.
-    """
-
-    def __init__(self, units: Callable[[], Iterator[Unit]], preprocess: Callable, batch_size: int,
-                 rank: int = 0, world_size: int = 1, done: frozenset[int] = frozenset(),
-                 image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str | None = None,
-                 tokenizer: Callable | None = None):
-        self.units, self.preprocess, self.batch_size = units, preprocess, batch_size
-        self.rank, self.world_size, self.done = rank, world_size, done
-        self.image_keys, self.caption_key, self.tokenizer = tuple(image_keys), caption_key, tokenizer
-
-    def owned_units(self) -> Iterator[Unit]:
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        for unit in self.units():
-            if unit.index % self.world_size != self.rank or unit.index in self.done:
-                continue
-            if unit.index // self.world_size % workers == worker:
-                yield unit
-
-    def _batch(self, unit: Unit, samples: list, skipped: list, end: bool, started: float) -> dict:
-        pixels = torch.stack([p for _, p, _, _ in samples]) if samples else None
-        captions = [c for _, _, c, _ in samples] if self.caption_key else None
-        tokens = self.tokenizer(captions) if self.tokenizer is not None and captions else None
-        return dict(unit=unit.index, source=unit.source, pixels=pixels, tokens=tokens,
-                    keys=[k for k, _, _, _ in samples], captions=captions, metas=[m for _, _, _, m in samples],
-                    skipped=list(skipped), end=end, decode_s=time.thread_time() - started)
-
-    def __iter__(self) -> Iterator[dict]:
-        started = time.thread_time()  # this thread's CPU time, restarted after each batch is taken
-        for unit in self.owned_units():
-            samples: list = []
-            skipped: list = []
-            for item in unit_samples(unit, self.image_keys, self.caption_key):
-                if isinstance(item, Skipped):
-                    skipped.append((item.key, item.reason))
-                    continue
-                try:
-                    caption = caption_text(item.caption) if self.caption_key else None
-                except ValueError as e:
-                    skipped.append((item.key, str(e)))
-                    continue
-                try:
-                    pixels = self.preprocess(open_image(item.image))
-                except Exception as e:  # PIL raises many types for damaged or non-image data
-                    skipped.append((item.key, f'undecodable image ({type(e).__name__})'))
-                    continue
-                samples.append((item.key, pixels, caption, item.meta))
-                if len(samples) == self.batch_size:
-                    yield self._batch(unit, samples, skipped, end=False, started=started)
-                    samples, skipped, started = [], [], time.thread_time()
-            yield self._batch(unit, samples, skipped, end=True, started=started)
-            started = time.thread_time()

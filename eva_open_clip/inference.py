@@ -13,12 +13,9 @@ from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_p
 from PIL import Image
 
 from . import data
+from .errors import ToolError
 
 BUNDLED_IMAGE = Path(__file__).parent / 'assets' / 'CLIP.png'
-
-
-class ToolError(RuntimeError):
-    """A problem the command line reports in one line, without a traceback."""
 
 
 def default_device() -> str:
@@ -62,10 +59,7 @@ def load_model(model_name: str, pretrained: str | None, device: str, precision: 
 
 def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given, and image files found under folders (recursively, in path order)."""
-    try:
-        return [Path(p) for _, p in data.input_items([str(p) for p in paths], None)]
-    except data.InputError as e:
-        raise ToolError(str(e)) from None
+    return [Path(s.path) for s in data.input_sources([str(p) for p in paths], None)]
 
 
 def _opened(path: Path) -> Image.Image | None:

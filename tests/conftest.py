@@ -122,3 +122,14 @@ def b16_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp('b16') / 'EVA02_CLIP_B_psz16_s8B.pt'
     torch.save(full_size_checkpoint('EVA02-CLIP-B-16'), path)
     return path
+
+
+@pytest.fixture(scope='session')
+def tiny(tmp_path_factory):
+    """tiny_a as files for the command line (config and checkpoint), and its open_clip model, transform, tokenizer."""
+    import open_clip
+    folder = tmp_path_factory.mktemp('tiny-cli')
+    (folder / 'tiny.json').write_text(json.dumps(golden('tiny_a')['config']))
+    torch.save(released_state_dict('tiny_a'), folder / 'tiny.pt')
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name('tiny_a'), pretrained=str(folder / 'tiny.pt'))
+    return folder, model.eval(), preprocess, open_clip.get_tokenizer(model_name('tiny_a'))

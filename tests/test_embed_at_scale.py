@@ -8,38 +8,24 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from eva_open_clip.data import UnitDataset, iter_units
-from eva_open_clip.embed import DecodedBatches
-from conftest import DATA, golden, model_name, released_state_dict
+from eva_open_clip.loader import Batch, DecodedBatches, UnitDataset
+from eva_open_clip.units import list_units
+from conftest import DATA
+from embed_tools import add_member as _add, api_features as _api_features, png as _png, read_folder as _read, \
+    run_embed as _embed, same_output as _same_output
 
 SHARDS, PER_SHARD = 5, 60
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tf.addfile(info, io.BytesIO(data))
-
-
-def _png(i: int, shard: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new('RGB', (30 + i % 17, 24 + i % 11), ((i * 37) % 256, (shard * 60) % 256, (i * 11) % 256)).save(buf, 'PNG')
-    return buf.getvalue()
 
 
 @pytest.fixture(scope='module')
@@ -55,18 +41,18 @@ def dataset(tmp_path_factory):
                 image, caption, meta = _png(i, s), f'sample {i} of shard {s}', {'url': f'http://x/{key}', 'w': i}
                 if i == 7:
                     _add(tf, f'{key}.png', b'\x89PNG\r\n\x1a\n broken')  # undecodable image
-                    damaged[key] = 'undecodable image'
+                    damaged[key] = 'undecodable_image'
                 elif i == 8:
-                    damaged[key] = 'no image'  # caption only
+                    damaged[key] = 'no_image'  # caption only
                 elif i == 9:
                     _add(tf, f'{key}.png', image)
-                    damaged[key] = 'caption is not UTF-8 text'
+                    damaged[key] = 'caption_not_text'
                     caption = None
                     _add(tf, f'{key}.txt', b'\xff\xfe\xfa not text')
                 elif i == 10:
                     _add(tf, f'{key}.png', image)
                     _add(tf, f'{key}.json', b'{not json')
-                    damaged[key] = 'json is not a JSON object'
+                    damaged[key] = 'bad_json'
                 else:
                     _add(tf, f'{key}.png', image)
                     good[key] = (image, caption, meta)
@@ -74,7 +60,7 @@ def dataset(tmp_path_factory):
                     _add(tf, f'{key}.txt', caption.encode())
                 if i not in (10,):
                     _add(tf, f'{key}.json', json.dumps(meta).encode())
-    # a truncated shard: its first samples are read, then the damage is reported
+    # a truncated shard: its samples before the damage are read, then the damage is reported once
     whole = root / 'whole.tar'
     with tarfile.open(whole, 'w') as tf:
         for i in range(20):
@@ -87,49 +73,6 @@ def dataset(tmp_path_factory):
     with tarfile.open(root / 'shard-00006.tar', 'w'):
         pass  # an empty shard
     return root, good, damaged
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('tiny')
-    (folder / 'tiny.json').write_text(json.dumps(golden('tiny_a')['config']))
-    torch.save(released_state_dict('tiny_a'), folder / 'tiny.pt')
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name('tiny_a'), pretrained=str(folder / 'tiny.pt'))
-    return folder, model.eval(), preprocess, open_clip.get_tokenizer(model_name('tiny_a'))
-
-
-def _api_features(tiny, images: list, captions: list | None = None):
-    _, model, preprocess, tokenizer = tiny
-    with torch.no_grad():
-        image = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
-        text = model.encode_text(tokenizer(captions), normalize=True) if captions else None
-    return image.numpy(), None if text is None else text.numpy()
-
-
-def _embed(tiny, *args, out, launcher=(sys.executable, '-m', 'eva_open_clip'), background=False):
-    folder = tiny[0]
-    cmd = [*launcher, 'run', '--register', f'tiny={folder / "tiny.json"}', '-m', 'eva_open_clip', 'embed',
-           *map(str, args), '--out', str(out), '--model', 'tiny', '--pretrained', str(folder / 'tiny.pt')]
-    env = dict(os.environ)
-    if background:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-
-
-def _read(out: Path) -> dict[str, dict]:
-    """Every row of an output folder, by key: image/text features and metadata; checks alignment."""
-    rows = {}
-    for meta_path in sorted((out / 'metadata').glob('metadata_*.parquet')):
-        n = meta_path.stem.split('_')[1]
-        meta = pq.read_table(meta_path).to_pylist()
-        image = np.load(out / 'img_emb' / f'img_emb_{n}.npy')
-        text_path = out / 'text_emb' / f'text_emb_{n}.npy'
-        text = np.load(text_path) if text_path.exists() else None
-        assert image.dtype == np.float32 and len(image) == len(meta) and (text is None or len(text) == len(meta))
-        for i, row in enumerate(meta):
-            assert row['image_path'] not in rows
-            rows[row['image_path']] = dict(row, image=image[i], text=None if text is None else text[i], part=n)
-    return rows
 
 
 def _pattern(root):
@@ -148,7 +91,7 @@ def test_shards_with_captions_give_the_api_features_row_for_row(dataset, tiny, t
     rows = _read(out)
     cut = {k for k in rows if k.startswith('99999')}
     assert set(rows) == set(good) | cut and 1 <= len(cut) < 20
-    assert 'img/s' in result.stderr and f'embedded {len(rows)} samples of 7 input shards' in result.stderr
+    assert 'img/s' in result.stderr and f'embedded {len(rows)} samples of 7 units' in result.stderr
     assert 'waiting for decoded images)' in result.stderr
     keys = sorted(good)
     images = [Image.open(io.BytesIO(good[k][0])) for k in keys]
@@ -168,10 +111,11 @@ def test_shards_with_captions_give_the_api_features_row_for_row(dataset, tiny, t
     records = {json.loads(p.read_text())['source']: json.loads(p.read_text()) for p in (out / 'shards').glob('*.json')}
     skipped = {s['key']: s['reason'] for r in records.values() for s in r['skipped']}
     for key, reason in damaged.items():
-        assert skipped[key].startswith(reason), (key, skipped[key])
+        assert skipped[key] == reason, (key, skipped[key])
     cut_skips = records[str(root / 'shard-00005.tar')]['skipped']
-    assert cut_skips[-1]['key'] is None and cut_skips[-1]['reason'].startswith('damaged tar')
-    assert all(s['key'] is None or s['key'].startswith('99999') for s in cut_skips)  # at most the cut sample
+    assert len(cut_skips) == 1 and cut_skips[0]['reason'] == 'damaged_tar'  # the one damage, once
+    cut_key = cut_skips[0]['key']  # the sample the cut went through: every sample before it is kept
+    assert cut_key == f'99999{len(cut):04d}' and f'inside the header of member {cut_key}.txt' in cut_skips[0]['detail']
     assert records[str(root / 'shard-00006.tar')]['rows'] == 0
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['rows'] == len(rows) and summary['units'] == 7
@@ -199,16 +143,16 @@ def test_folders_and_file_lists(dataset, tiny, tmp_path):
     assert np.allclose(np.stack([rows[k]['image'] for k in expected]), image, atol=1e-5)
     assert 'caption' not in pq.read_table(next((out / 'metadata').glob('*.parquet'))).column_names
     summary = json.loads((out / 'summary.json').read_text())
-    assert summary['skipped'] == 1 and summary['skipped_by_reason'] == {'undecodable image': 1}
+    assert summary['skipped'] == 1 and summary['skipped_by_reason'] == {'undecodable_image': 1}
 
 
 def test_worker_pixels_are_the_preprocessed_files_bit_for_bit(tiny):
     _, _, preprocess, _ = tiny
     paths = [str(DATA / 'images' / n) for n in ('clip_diagram_rgba.png', 'noise_gray_64x96.png', 'palette_120.png')]
-    data = UnitDataset(lambda: iter_units(paths, None, 10), preprocess, batch_size=8)
+    data = UnitDataset(list_units(paths, None, 10), preprocess, batch_size=8)
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=1)))
-    assert batch['keys'] == paths
-    assert torch.equal(batch['pixels'], torch.stack([preprocess(Image.open(p)) for p in paths]))
+    assert batch.keys == paths
+    assert torch.equal(batch.pixels, torch.stack([preprocess(Image.open(p)) for p in paths]))
 
 
 class _SlowlyDecoded(torch.utils.data.IterableDataset):
@@ -220,7 +164,7 @@ class _SlowlyDecoded(torch.utils.data.IterableDataset):
     def __iter__(self):
         for i in range(self.batches):
             time.sleep(0.1)
-            yield dict(keys=[str(i)], decode_s=self.decode_s)
+            yield Batch(0, keys=[str(i)], decode_s=self.decode_s)
 
 
 @pytest.mark.parametrize('model_seconds', [0.0, 0.3])
@@ -228,7 +172,7 @@ def test_the_wait_for_decoded_batches_is_measured(model_seconds):
     batches = DecodedBatches(_SlowlyDecoded(5), 1, 'cpu')
     started = None
     for expected, batch in enumerate(batches):
-        assert batch['keys'] == [str(expected)]
+        assert batch.keys == [str(expected)]
         started = started or time.perf_counter()
         time.sleep(model_seconds)
     measured = time.perf_counter() - started
@@ -249,19 +193,6 @@ def test_model_threads_make_room_for_workers_only_when_decoding_costs_more(decod
         assert torch.get_num_threads() == (2 if fewer else 4)
     finally:
         torch.set_num_threads(threads)
-
-
-def _same_output(a: Path, b: Path) -> None:
-    files_a = sorted(str(p.relative_to(a)) for p in a.rglob('*') if p.is_file() and p.name != 'summary.json')
-    files_b = sorted(str(p.relative_to(b)) for p in b.rglob('*') if p.is_file() and p.name != 'summary.json')
-    assert files_a == files_b
-    for name in files_a:
-        if name.endswith('.npy'):
-            assert np.array_equal(np.load(a / name), np.load(b / name)), name
-        elif name.endswith('.parquet'):
-            assert pq.read_table(a / name).equals(pq.read_table(b / name)), name
-        else:
-            assert (a / name).read_text() == (b / name).read_text(), name
 
 
 def test_killed_run_resumes_to_the_uninterrupted_output(dataset, tiny, tmp_path):
@@ -294,9 +225,11 @@ def test_changed_settings_are_refused(dataset, tiny, tmp_path):
     assert _embed(tiny, root / 'shard-00000.tar', '--part-size', '25', out=out).returncode == 0
     for changed in (['--part-size', '30'], ['--captions'], ['--batch-size', '4']):
         result = _embed(tiny, root / 'shard-00000.tar', '--part-size', '25', *changed, out=out)
-        assert result.returncode == 1 and 'another embedding run' in result.stderr, result.stderr[-2000:]
+        assert result.returncode == 2 and 'another embedding run' in result.stderr, result.stderr[-2000:]
     result = _embed(tiny, root / 'shard-00001.tar', '--part-size', '25', out=out)
-    assert result.returncode == 1 and "inputs: [" in result.stderr
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        f'eva-open-clip embed: {root / "shard-00000.tar"}: embedded into {out} before, but no longer among the '
+        f'inputs; restore it, or embed into a new --out folder (the inputs of {out} are listed in {out / "units.jsonl"})')
 
 
 def test_torchrun_two_ranks_equal_one_process(dataset, tiny, tmp_path):

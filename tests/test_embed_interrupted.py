@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from eva_open_clip.embed import embed
+from eva_open_clip.npy_output import embed_to_npy
 from conftest import DATA
 
 
@@ -33,7 +33,7 @@ def test_interrupted_embed_leaves_previous_output(tmp_path):
     np.save(out, np.zeros((1, 4), dtype=np.float32))
     (tmp_path / 'features.paths.txt').write_text('old\n')
     with pytest.raises(KeyboardInterrupt):
-        embed(_Interrupting(), [str(DATA / 'images')], out, batch_size=2)
+        embed_to_npy(_Interrupting(), [str(DATA / 'images')], out, batch_size=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['features.npy', 'features.paths.txt']
     assert np.load(out).shape == (1, 4)
     assert (tmp_path / 'features.paths.txt').read_text() == 'old\n'

@@ -1,0 +1,151 @@
+"""Decoding for `embed`: units' samples preprocessed in DataLoader workers, as typed batches."""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from .data import IMAGE_KEYS, Skip, caption_text, open_image, unit_samples
+from .units import Unit
+
+_WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
+
+
+@dataclass
+class Batch:
+    """Up to batch-size usable samples of one unit, in the unit's order, and the samples skipped among them.
+
+    `end` is set on the unit's last batch (which may hold no samples); `decode_s` is the CPU time its
+    decoding took in the worker.
+    """
+
+    unit: int
+    keys: list[str] = field(default_factory=list)
+    pixels: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    captions: list[str] | None = None
+    metas: list[dict | None] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    end: bool = False
+    decode_s: float = 0.0
+
+    def pin_memory(self) -> 'Batch':
+        """Called by the DataLoader's pinning thread (pin_memory=True on CUDA)."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+class UnitDataset(torch.utils.data.IterableDataset):
+    """The batches of `units`, each unit read whole by one DataLoader worker (units dealt out in turn)."""
+
+    def __init__(self, units: Sequence[Unit], preprocess: Callable, batch_size: int,
+                 image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str | None = None,
+                 tokenizer: Callable | None = None):
+        self.units, self.preprocess, self.batch_size = list(units), preprocess, batch_size
+        self.image_keys, self.caption_key, self.tokenizer = tuple(image_keys), caption_key, tokenizer
+
+    def _worker_units(self) -> list[Unit]:
+        info = torch.utils.data.get_worker_info()
+        return self.units if info is None else self.units[info.id::info.num_workers]
+
+    def _batch(self, unit: Unit, samples: list[tuple[str, torch.Tensor, Any, Any]], skipped: list[Skip],
+               end: bool, started: float) -> Batch:
+        keys, pixels, captions, metas = (list(c) for c in zip(*samples)) if samples else ([], [], [], [])
+        with_captions = self.caption_key is not None
+        tokens = self.tokenizer(captions) if self.tokenizer is not None and captions else None
+        return Batch(unit.index, keys, torch.stack(pixels) if pixels else None, tokens,
+                     captions if with_captions else None, metas, skipped, end, time.thread_time() - started)
+
+    def _prepared(self, item: Any) -> tuple[str, torch.Tensor, Any, Any] | Skip:
+        if isinstance(item, Skip):
+            return item
+        caption = caption_text(item.caption) if self.caption_key else None
+        if isinstance(caption, Skip):
+            return Skip(item.key, caption.reason, caption.detail)
+        try:
+            pixels = self.preprocess(open_image(item.image))
+        except Exception as e:  # PIL raises many types for damaged or non-image data
+            return Skip(item.key, 'undecodable_image', type(e).__name__)
+        return item.key, pixels, caption, item.meta
+
+    def __iter__(self) -> Iterator[Batch]:
+        started = time.thread_time()  # this thread's CPU time, restarted after each batch is taken
+        for unit in self._worker_units():
+            samples: list = []
+            skipped: list[Skip] = []
+            for item in unit_samples(unit.shard, unit.files, self.image_keys, self.caption_key):
+                prepared = self._prepared(item)
+                if isinstance(prepared, Skip):
+                    skipped.append(prepared)
+                    continue
+                samples.append(prepared)
+                if len(samples) == self.batch_size:
+                    yield self._batch(unit, samples, skipped, end=False, started=started)
+                    samples, skipped, started = [], [], time.thread_time()
+            yield self._batch(unit, samples, skipped, end=True, started=started)
+            started = time.thread_time()
+
+
+class DecodedBatches:
+    """The dataset's batches through a DataLoader with `workers` decoding processes, timing the waits.
+
+    `waited` is how long the consumer waited for decoded batches after the first one (which includes the
+    workers' start-up): near zero when the model is the bottleneck, and the cue to raise --workers when
+    not. Workers are started by a fork server rather than forked from this process, which holds the model
+    (a fork would share its pages copy-on-write and make the model's memory writes fault); under torchrun
+    they are plain forks, as a fork server hung there with torch 2.1.
+
+    On the CPU, the model and the decoding workers share the cores. When decoding an image costs more
+    CPU time than encoding it (a small model), the model's torch threads are reduced by the number of
+    workers after the first few batches: left as they are, they contend with the workers for the
+    cores, and each of the model's parallel steps waits for a thread the workers displaced (a tiny
+    model's batch took up to 270 ms so, instead of 3). The workers report their decoding time with each
+    batch; the model's need is the least CPU time per image this process spent on a batch, as
+    contention only ever adds to it.
+    """
+
+    DECIDE_AFTER = 4  # batches measured before the threads are settled (the first one is not measured)
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, workers: int, device_type: str):
+        self.dataset, self.workers, self.device_type = dataset, workers, device_type
+        self.waited = 0.0
+        self.decode_cpu, self.decoded, self.model_cpu_per_image = 0.0, 0, float('inf')
+
+    def __iter__(self) -> Iterator[Batch]:
+        start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
+        extra = dict(prefetch_factor=4, multiprocessing_context=start) if self.workers else {}
+        data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                                pin_memory=self.device_type == 'cuda', **extra))
+        for seen in itertools.count():
+            asked = time.perf_counter()
+            batch = next(data, None)
+            if batch is None:
+                return
+            received, cpu = time.perf_counter(), time.process_time()
+            yield batch
+            if seen:  # the first batch includes the workers' start-up
+                self.waited += received - asked
+                if batch.keys:
+                    self.decode_cpu += batch.decode_s
+                    self.decoded += len(batch.keys)
+                    used = (time.process_time() - cpu) / len(batch.keys)
+                    self.model_cpu_per_image = min(self.model_cpu_per_image, used)
+            if seen == self.DECIDE_AFTER:
+                self._settle_threads()
+
+    def _settle_threads(self) -> None:
+        if self.device_type == 'cpu' and self.workers and self.decoded and \
+                self.decode_cpu / self.decoded > self.model_cpu_per_image:
+            torch.set_num_threads(max(1, torch.get_num_threads() - self.workers))
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    """DataLoader workers per rank: the cores this process may use, shared among the ranks on the node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
