@@ -149,10 +149,11 @@ class _CountedStream:
     """A binary stream's bytes as read, counted, with the last 1024 kept (to find a tar's end marker)."""
 
     def __init__(self, raw: BinaryIO):
-        self.raw, self.total, self.tail = raw, 0, b''
+        # read1: what can be had now, so that a gzip stream cut short gives its bytes before the cut
+        self.read_some, self.total, self.tail = getattr(raw, 'read1', raw.read), 0, b''
 
     def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
+        data = self.read_some(size)
         self.total += len(data)
         self.tail = (self.tail + data)[-1024:]
         return data
