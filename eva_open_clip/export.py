@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, read_state_dict
+from .durable import fsync_dir, write_atomic, write_text
 from .empty_build import meta_model
 from .layout import convert_state_dict
 from .registry import get_eva_model, list_eva_models
@@ -80,8 +81,8 @@ def export_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, mod
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
     try:
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + '\n')
-        save_file(weights, str(staging / WEIGHTS_NAME), metadata={'format': 'pt'})
+        write_text(staging / CONFIG_NAME, json.dumps(config, indent=2) + '\n')
+        write_atomic(staging / WEIGHTS_NAME, lambda p, w=weights: save_file(w, str(p), metadata={'format': 'pt'}))
         del weights, model
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old.', dir=out.parent))
@@ -90,6 +91,7 @@ def export_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, mod
             shutil.rmtree(old)
         else:
             os.replace(staging, out)
+        fsync_dir(out.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
