@@ -10,7 +10,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +49,8 @@ def _read_torch(path: Path, weights_only: bool) -> object:
         if zipfile.is_zipfile(path):  # torch.save's format: read through a read-only mapping
             return mapped_checkpoint.read_torch_zip(path, weights_only=weights_only)
         return torch.load(path, map_location='cpu', weights_only=weights_only)  # legacy pickles
+    except mapped_checkpoint.CorruptRecord as e:
+        raise CheckpointError(path, str(e)) from None
     except mapped_checkpoint.UnsafePickle:
         raise CheckpointError(
             path, 'refused: the file holds Python objects other than tensors, which could run code '
@@ -124,8 +126,16 @@ def _check_rotary_tables(path: str | os.PathLike, state_dict: Mapping[str, torch
                                         f"pt_hw_seq_len or intp_freq differs from the config)")
 
 
+class Checked(NamedTuple):
+    """A state dict in the model's key names, and what a non-strict load skips, in the model's key names."""
+
+    state_dict: StateDict
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], model: nn.Module,
-                      strict: bool = True, added_prefix: str = '') -> StateDict:
+                      strict: bool = True, added_prefix: str = '') -> Checked:
     """Convert a state dict to the model's keys and check it fits, naming keys as in the file.
 
     Raises `CheckpointError` for missing or unexpected keys (when `strict`) and for shape mismatches.
@@ -144,10 +154,12 @@ def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
         scale = converted['logit_scale']
         if scale.numel() == expected['logit_scale'].numel():
             converted['logit_scale'] = scale.reshape(expected['logit_scale'].shape)
-    missing = [shown(to_released_key(k, swiglu) if released else k) for k in expected if k not in converted]
-    unexpected = [shown(origin[k]) for k in converted if k not in expected]
+    unexpected_keys = [k for k in converted if k not in expected]
+    unexpected = [shown(origin[k]) for k in unexpected_keys]
     # a key present under the same name but meaning another layout (e.g. q_bias) is unexpected only
-    missing = [k for k in missing if k not in set(unexpected)]
+    missing_keys = [k for k in expected if k not in converted
+                    and shown(to_released_key(k, swiglu) if released else k) not in set(unexpected)]
+    missing = [shown(to_released_key(k, swiglu) if released else k) for k in missing_keys]
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -164,7 +176,7 @@ def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
     if mismatched:
         more = f' (and {len(mismatched) - _MAX_LISTED} more)' if len(mismatched) > _MAX_LISTED else ''
         raise CheckpointError(path, 'shape mismatch: ' + '; '.join(mismatched[:_MAX_LISTED]) + more)
-    return {k: v for k, v in converted.items() if k in expected}
+    return Checked({k: v for k, v in converted.items() if k in expected}, missing_keys, unexpected_keys)
 
 
 def copy_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], release: bool) -> None:
@@ -187,12 +199,17 @@ def _is_mapped(path: str | os.PathLike) -> bool:
     return Path(path).suffix == '.safetensors' or zipfile.is_zipfile(path)
 
 
-def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, weights_only: bool = True) -> None:
-    """Read `path`, convert it from the released layout if needed and load it into `model`."""
+def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, weights_only: bool = True) -> Checked:
+    """Read `path`, convert it from the released layout if needed and load it into `model`.
+
+    Returns what was loaded, with the keys a non-strict load skipped (the model's keys the file lacks,
+    and the file's keys, converted, that the model lacks), as `nn.Module.load_state_dict` reports them.
+    """
     empty_build.restore_buffers()
     state_dict = read_state_dict(path, weights_only=weights_only)
-    converted = check_and_convert(path, state_dict, model, strict=strict)
-    copy_into(model, converted, release=_is_mapped(path))
+    checked = check_and_convert(path, state_dict, model, strict=strict)
+    copy_into(model, checked.state_dict, release=_is_mapped(path))
+    return checked
 
 
 def load_image_tower(model: nn.Module, path: str | os.PathLike, weights_only: bool = True) -> None:
@@ -205,5 +222,5 @@ def load_image_tower(model: nn.Module, path: str | os.PathLike, weights_only: bo
     state_dict = {prefix + k: v for k, v in state_dict.items()}
     holder = nn.Module()
     holder.visual = model.visual  # a view of the model holding only its image tower
-    converted = check_and_convert(path, state_dict, holder, added_prefix=prefix)
-    copy_into(holder, converted, release=_is_mapped(path))
+    copy_into(holder, check_and_convert(path, state_dict, holder, added_prefix=prefix).state_dict,
+              release=_is_mapped(path))

@@ -28,6 +28,7 @@ import struct
 import sys
 import warnings
 import zipfile
+import zlib
 from typing import Any
 
 import torch
@@ -72,6 +73,31 @@ def _record_offset(mapped: mmap.mmap, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+class CorruptRecord(ValueError):
+    """A record whose stored CRC-32 does not match its data."""
+
+
+def _pickle_record(mapped: mmap.mmap, records: dict[str, zipfile.ZipInfo]) -> bytes:
+    """The bytes of `data.pkl`, checked against its CRC-32 where the file has one.
+
+    Read from the mapping rather than through `zipfile`, which refuses the files `torch.save` writes
+    with checksums turned off (`torch.serialization.set_crc32_options(False)`: every CRC is 0), as
+    `torch.load` reads them. Records are found through the central directory, so data descriptors,
+    zip64 and torch's alignment padding need nothing more; the folder name in front of each record
+    (the file's stem, or `archive/` in older files) is ignored.
+    """
+    info = records.get('data.pkl')
+    if info is None:
+        raise ValueError('no data.pkl record')
+    start = _record_offset(mapped, info)
+    data = mapped[start:start + info.file_size]
+    if len(data) != info.file_size:
+        raise EOFError(f'record {info.filename} ends past the end of the file')
+    if info.CRC and zlib.crc32(data) != info.CRC:
+        raise CorruptRecord(f'record {info.filename} is corrupted (its CRC-32 does not match its data)')
+    return data
+
+
 def read_torch_zip(path: str | os.PathLike, weights_only: bool = True) -> Any:
     """Unpickle a `torch.save` zip file with every storage a read-only view of the mapped file.
 
@@ -80,7 +106,7 @@ def read_torch_zip(path: str | os.PathLike, weights_only: bool = True) -> Any:
     mapped = _map(path)
     with zipfile.ZipFile(path) as archive:
         records = {info.filename.split('/', 1)[-1]: info for info in archive.infolist()}
-        data = archive.read(records['data.pkl'])
+    data = _pickle_record(mapped, records)
     storages: dict[str, torch.storage.TypedStorage] = {}
 
     def persistent_load(saved_id: tuple) -> torch.storage.TypedStorage:

@@ -80,8 +80,8 @@ def _load_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
             options = dict(strict=strict, weights_only=weights_only, device=device)
             return original(model, checkpoint_path, **{k: v for k, v in options.items() if k in known})
         empty_build.end_construction()
-        checkpoint.load_into(model, checkpoint_path, strict=strict, weights_only=weights_only)
-        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])  # what open_clip's version returns
+        loaded = checkpoint.load_into(model, checkpoint_path, strict=strict, weights_only=weights_only)
+        return _IncompatibleKeys(loaded.missing_keys, loaded.unexpected_keys)  # what open_clip's version returns
     return load_checkpoint
 
 
