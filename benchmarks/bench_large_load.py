@@ -98,23 +98,33 @@ def peak_rss() -> int:
     raise RuntimeError('no VmHWM in /proc/self/status')
 
 
-def child_load(name: str, precision: str, checkpoint: str, device: str, register: bool) -> dict:
-    """Build and load in this (fresh) process; time it and report the peak resident memory."""
+def child_load(name: str, precision: str, checkpoint: str, device: str, register: bool, config: str = '') -> dict:
+    """Build and load in this (fresh) process; time it and report the peak resident (and GPU) memory.
+
+    `config`: an EVA-CLIP config file to register as `name` first (a custom or test architecture).
+    """
     import open_clip
     if register:
-        import eva_open_clip  # noqa: F401  (registers the EVA models)
+        import eva_open_clip  # (registers the EVA models)
+        if config:
+            eva_open_clip.register_eva_model(name, json.loads(Path(config).read_text()))
     baseline = peak_rss()
+    cuda = device.startswith('cuda')
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model, _, _ = open_clip.create_model_and_transforms(name, pretrained=checkpoint, precision=precision,
                                                         device=device)
-    if device.startswith('cuda'):
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     peak = peak_rss()
+    gpu = dict(peak_gpu=torch.cuda.max_memory_allocated(), peak_gpu_over_model=torch.cuda.max_memory_allocated()
+               / model_bytes) if cuda else {}
     return dict(impl='eva_open_clip' if register else 'open_clip', model=name, precision=precision, device=device,
                 seconds=seconds, peak_rss=peak, import_rss=baseline, model_bytes=model_bytes,
-                peak_over_model=peak / model_bytes, peak_minus_imports_over_model=(peak - baseline) / model_bytes)
+                peak_over_model=peak / model_bytes, peak_minus_imports_over_model=(peak - baseline) / model_bytes, **gpu)
 
 
 def _child(*args: str) -> dict:
@@ -142,8 +152,8 @@ def main() -> None:
     parser.add_argument('--child', nargs='+', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        name, precision, checkpoint, device, register = args.child
-        print(json.dumps(child_load(name, precision, checkpoint, device, register == '1')))
+        name, precision, checkpoint, device, register, *config = args.child
+        print(json.dumps(child_load(name, precision, checkpoint, device, register == '1', *config)))
         return
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix='eva-large-'))

@@ -1,0 +1,28 @@
+"""benchmarks/gpu.py runs on the CPU (--dry-run) with the tiny model, so the GPU session's one call does not rot."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+
+from conftest import model_name
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_benchmark_dry_run_loads_the_tiny_model(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / 'gpu.py'), '--dry-run', '--workdir', str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result['device'] == 'cpu (dry run)'
+    [load] = result['load']
+    assert 'error' not in load, load
+    model = open_clip.create_model(model_name('tiny_a'), precision='bf16')
+    assert load['model_bytes'] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert load['precision'] == 'bf16' and load['file_dtype'] == 'fp32' and load['seconds'] > 0
+    assert load['peak_rss'] >= load['import_rss'] > 0
+    assert list(tmp_path.iterdir()) == [tmp_path / 'tiny.json']  # the generated checkpoint is removed
