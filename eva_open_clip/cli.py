@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -50,6 +52,7 @@ def _embed(args: argparse.Namespace) -> int:
     from .npy_output import embed_to_npy, paths_file
     if not args.inputs and not args.text_file and not args.files_from:
         raise UsageError('give images, folders, tar shards, --files-from LIST or --text-file FILE')
+    _stop_on_signals()
     for name in ('batch_size', 'part_size'):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -57,6 +60,8 @@ def _embed(args: argparse.Namespace) -> int:
         raise UsageError('--workers must be 0 or more')
     if not args.out.endswith('.npy'):
         return _embed_folder(args)
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        raise UsageError('--out FILE.npy is written by one process: under torchrun give --out DIR')
     if args.captions:
         raise UsageError('--captions writes the folder layout: give --out DIR')
     rows, skipped = embed_to_npy(_encoder(args), args.inputs, args.out, batch_size=args.batch_size,
@@ -79,38 +84,86 @@ def _workers(args: argparse.Namespace) -> int:
     return default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if args.workers is None else args.workers
 
 
+def rank_device(device: str | None, local_rank: int, local_world_size: int, cuda: bool) -> str | None:
+    """The device of one torchrun rank: `cuda` (or none given, with CUDA present) means cuda:LOCAL_RANK."""
+    if device is None:
+        return f'cuda:{local_rank}' if cuda else None
+    if device == 'cuda':
+        return f'cuda:{local_rank}'
+    if device.startswith('cuda:') and local_world_size > 1:
+        raise UsageError(f'--device {device} would put all {local_world_size} ranks of this node on one GPU: '
+                         f'give --device cuda (each rank takes cuda:LOCAL_RANK)')
+    return device
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT: the job stops, leaving its folder resumable."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) raise Interrupted; a second one exits at once."""
+    def handler(signum: int, _frame) -> None:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, lambda n, _f: os._exit(128 + n))
+        raise Interrupted(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+
+
 def _embed_folder(args: argparse.Namespace) -> int:
     """The folder layout, on one process or on every rank of a torchrun/srun launch."""
     import torch
     import torch.distributed as dist
     from .embed import Ranks, embed_folder
-    from .folder import FolderSettings
+    from .folder import FolderSettings, done_units
     from .inference import default_pretrained
+    from .units import read_units
     if args.text_file:
         raise UsageError('--text-file writes one FILE.npy: give --out FILE.npy')
     ranks = Ranks(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)))
     device = args.device
     if ranks.world_size > 1:
-        if device is None and torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = rank_device(device, int(os.environ.get('LOCAL_RANK', 0)),
+                             int(os.environ.get('LOCAL_WORLD_SIZE', 1)), torch.cuda.is_available())
+        if device and device.startswith('cuda'):
             torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device and device.startswith('cuda') else 'gloo')
+        # the only collective waits for rank 0 to list the inputs, which may take a while on a slow file system
+        timeout = datetime.timedelta(seconds=float(os.environ.get('EVA_OPEN_CLIP_START_TIMEOUT_S', 3600)))
+        dist.init_process_group('nccl' if device and device.startswith('cuda') else 'gloo', timeout=timeout)
+    out = Path(args.out)
     try:
         settings = FolderSettings(
             model=args.model, pretrained=args.pretrained or default_pretrained(args.model) or '',
             precision=args.precision, part_size=args.part_size, batch_size=args.batch_size, captions=args.captions,
             image_keys=args.image_key.split(','), caption_key=args.caption_key)
-        summary = embed_folder(lambda: _encoder(args, device), settings, args.inputs, args.files_from,
-                               Path(args.out), _workers(args), ranks)
-        if summary is not None:
-            ranks_counts = summary['ranks']
-            print(f"embedded {summary['rows']} samples of {summary['units']} units into {args.out} "
-                  f"({summary['skipped']} skipped: {summary['skipped_by_reason'] or 'none'}); this run: "
-                  f"{sum(r['rows'] for r in ranks_counts)} samples on {ranks.world_size} rank(s)"
-                  f"{_rate(ranks_counts)}", file=sys.stderr)
+        summary = embed_folder(lambda: _encoder(args, device), settings, args.inputs, args.files_from, out,
+                               _workers(args), ranks, progress_interval=args.progress_interval, quiet=args.quiet)
+    except Interrupted as e:
+        if ranks.rank == 0:
+            units = read_units(out) if (out / 'units.jsonl').exists() else []
+            print(f'eva-open-clip embed: interrupted after {len(done_units(out)) if units else 0} of {len(units)} '
+                  f'units; run the same command to resume', file=sys.stderr)
+        return 128 + e.signum
     finally:
         if ranks.world_size > 1:
             dist.destroy_process_group()
+    if summary is None:
+        return 0
+    ranks_counts = summary['ranks']
+    print(f"embedded {summary['rows']} samples of {summary['units']} units into {args.out} "
+          f"({summary['skipped']} skipped: {summary['skipped_by_reason'] or 'none'}); this run: "
+          f"{sum(r['rows'] for r in ranks_counts)} samples on {ranks.world_size} rank(s)"
+          f"{_rate(ranks_counts)}", file=sys.stderr)
+    if summary['rows'] == 0:
+        print('eva-open-clip embed: no sample could be embedded'
+              + (f" (skipped by reason: {summary['skipped_by_reason']}; check --image-key and --caption-key)"
+                 if summary['skipped'] else ''), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -189,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='webdataset image keys, comma-separated, first found wins (default: %(default)s)')
     embed.add_argument('--caption-key', default=CAPTION_KEY, help='webdataset caption key (default: %(default)s)')
     embed.add_argument('--text-file', default=None, help='embed the lines of this file instead of images')
+    embed.add_argument('--progress-interval', type=float, default=None,
+                       help='seconds between progress lines when standard error is not a terminal (default: 30)')
+    embed.add_argument('--quiet', action='store_true', help='no progress output (errors and the final line remain)')
     _model_options(embed)
     embed.set_defaults(func=_embed)
 
@@ -218,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ToolError as e:
         print(f'eva-open-clip {args.command}: {e}', file=sys.stderr)
         return e.exit_code
+    except Interrupted as e:
+        print(f'eva-open-clip {args.command}: interrupted', file=sys.stderr)
+        return 128 + e.signum
     except (CheckpointError, FileExistsError, UnsupportedVersion) as e:
         print(f'eva-open-clip {args.command}: {e}', file=sys.stderr)
         return 1

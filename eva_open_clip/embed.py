@@ -9,6 +9,7 @@ is resumed by running the same command again.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +17,17 @@ from typing import Any, Callable, Sequence
 
 from .durable import FolderLock
 from .errors import ToolError, UsageError
-from .folder import FolderSettings, FolderWriter, done_units, finish_folder, prepare
+from .durable import write_text
+from .folder import FolderSettings, FolderWriter, done_units, finish_folder, prepare, rank_record
 from .inference import Encoder
 from .loader import DecodedBatches, UnitDataset
-from .progress import progress_bar
+from .progress import JobProgress
 from .units import read_units
 
 
 @dataclass
 class Ranks:
-    """This process's place in a torchrun job: rank 0 of 1 without one. `share` and `gather` are collectives."""
+    """This process's place in a torchrun job: rank 0 of 1 without one. `share` is a collective."""
 
     rank: int = 0
     world_size: int = 1
@@ -39,21 +41,17 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def gather(self, value: Any) -> list:
-        if self.world_size == 1:
-            return [value]
-        import torch.distributed as dist
-        values = [None] * self.world_size
-        dist.all_gather_object(values, value)
-        return values
-
 
 def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, inputs: Sequence[str],
-                 files_from: str | None, out: Path, workers: int, ranks: Ranks = Ranks()) -> dict | None:
+                 files_from: str | None, out: Path, workers: int, ranks: Ranks = Ranks(),
+                 progress_interval: float | None = None, quiet: bool = False) -> dict | None:
     """Embed into the folder `out`; return the summary on rank 0 (None elsewhere).
 
-    Each rank's counts in the summary: `units`, `rows` and `skipped` of this run, and `seconds` and
-    `images_per_s` from the end of the first batch (loading and start-up excluded), with
+    The only collective is at the start (rank 0's verdict on the folder). At the end each rank records
+    its counts in `DIR/ranks/`, and rank 0 builds the summary once every rank's record is there, so ranks
+    that finish hours apart wait on nothing with a timeout. Each rank's counts: `units`, `rows` and
+    `skipped` of this run, `model_loaded` (a rank with no units left does not load it), and `seconds`
+    and `images_per_s` from the end of the first batch (loading and start-up excluded), with
     `input_wait_s` the part of that time spent waiting for decoded images.
     """
     out = Path(out)
@@ -76,16 +74,33 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         units = read_units(out)
         done = done_units(out)
         mine = [u for u in units if u.index % ranks.world_size == ranks.rank and u.index not in done]
-        counts = _embed_units(load_encoder, settings, mine, out, workers, ranks.rank) if mine else \
-            dict(units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None, input_wait_s=0.0)
-        every = ranks.gather(dict(rank=ranks.rank, **counts))
-        return finish_folder(out, settings, every) if ranks.rank == 0 else None
+        progress = JobProgress(out / 'shards', len(units), progress_interval, enabled=ranks.rank == 0 and not quiet)
+        try:
+            counts = _embed_units(load_encoder, settings, mine, out, workers, progress) if mine else \
+                dict(units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None, input_wait_s=0.0, model_loaded=False)
+        finally:
+            progress.close()
+        write_text(rank_record(out, ranks.rank), json.dumps(dict(rank=ranks.rank, **counts)) + '\n')
+        if ranks.rank != 0:
+            return None
+        return finish_folder(out, settings, _wait_for_ranks(out, ranks.world_size))
     finally:
         lock.release()
 
 
+def _wait_for_ranks(out: Path, world_size: int) -> list[dict]:
+    """Every rank's record of this run, waiting (on files, not on a collective) for those still working.
+
+    A rank that dies ends the torchrun job, this rank included, so the wait ends with the job.
+    """
+    paths = [rank_record(out, r) for r in range(world_size)]
+    while not all(p.exists() for p in paths):
+        time.sleep(1.0)
+    return [json.loads(p.read_text()) for p in paths]
+
+
 def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list, out: Path,
-                 workers: int, rank: int) -> dict:
+                 workers: int, progress: JobProgress) -> dict:
     encoder = load_encoder()
     writer = FolderWriter(out, settings, units)
     dataset = UnitDataset(units, encoder.preprocess, settings.batch_size, image_keys=settings.image_keys,
@@ -94,19 +109,18 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     first = None  # when the first batch was done: the rate excludes loading and start-up
     first_rows = 0
     batches = DecodedBatches(dataset, workers, encoder.device_type)
-    with progress_bar('img', enabled=rank == 0) as progress:
-        for batch in batches:
-            image = text = None
-            if batch.pixels is not None:
-                image = encoder.encode_pixels(batch.pixels).numpy()
-                if batch.tokens is not None:
-                    text = encoder.encode_tokens(batch.tokens).numpy()
-            writer.add(batch, image, text)
-            progress.update(len(batch.keys) + len(batch.skipped))
-            if first is None and batch.keys:
-                first, first_rows = time.perf_counter(), len(batch.keys)
+    for batch in batches:
+        image = text = None
+        if batch.pixels is not None:
+            image = encoder.encode_pixels(batch.pixels).numpy()
+            if batch.tokens is not None:
+                text = encoder.encode_tokens(batch.tokens).numpy()
+        writer.add(batch, image, text)
+        progress.update(len(batch.keys))
+        if first is None and batch.keys:
+            first, first_rows = time.perf_counter(), len(batch.keys)
     rows = sum(r['rows'] for r in writer.finished)
     seconds = time.perf_counter() - first if first is not None else 0.0
     return dict(units=len(writer.finished), rows=rows, skipped=sum(len(r['skipped']) for r in writer.finished),
                 seconds=seconds, images_per_s=(rows - first_rows) / seconds if seconds > 0 else None,
-                input_wait_s=batches.waited)
+                input_wait_s=batches.waited, model_loaded=True)

@@ -9,6 +9,7 @@ N = unit * 1000 + k (zero-padded, so name order is input order): part k of unit 
 - `shards/UNIT.json`: written last for a unit, after every file of its parts is on disk: its rows,
   its skipped samples, and each part with its row count, the size of each of its files and the kinds
   of its metadata fields. A unit is done when this record exists and every part it names is intact.
+- `ranks/RANK.json`: each rank's counts of the running job, gathered into the summary and removed.
 - `summary.json`: totals, written at the end.
 
 Every file is written with `durable.write_atomic`. `prepare` runs under the folder's lock before any
@@ -50,6 +51,11 @@ class FolderSettings:
     image_keys: list[str]
     caption_key: str
     format: int = FORMAT_VERSION
+
+
+def rank_record(out: Path, rank: int) -> Path:
+    """Where a rank of the running job records its counts (read for the summary, then removed)."""
+    return out / 'ranks' / f'{rank:05d}.json'
 
 
 def _record_path(out: Path, unit: int) -> Path:
@@ -115,6 +121,9 @@ def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_fr
                 path.unlink()
     for folder in (out, out / 'shards'):
         remove_temporary_files(folder)
+    (out / 'ranks').mkdir(exist_ok=True)
+    for stale in (out / 'ranks').iterdir():  # the counts of an earlier run that did not end
+        stale.unlink()
     return units
 
 
@@ -241,5 +250,7 @@ def finish_folder(out: Path, settings: FolderSettings, ranks: list[dict]) -> dic
                    parts=sum(len(r['parts']) for r in records),
                    skipped=sum(len(r['skipped']) for r in records), skipped_by_reason=reasons, ranks=ranks)
     write_text(out / 'summary.json', json.dumps(summary, indent=2) + '\n')
+    for record in (out / 'ranks').iterdir():
+        record.unlink()
     return summary
 

@@ -1,9 +1,11 @@
 """Decoding for `embed`: units' samples preprocessed in DataLoader workers, as typed batches."""
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -92,6 +94,36 @@ class UnitDataset(torch.utils.data.IterableDataset):
             started = time.thread_time()
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()[0] not in (b'Z', b'X')
+    except FileNotFoundError:
+        if os.path.isdir('/proc/self'):
+            return False
+    try:  # no /proc
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _exit_with(main_pid: int, worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: end this worker within a second of the main process's death.
+
+    torch's own watchdog checks the worker's parent, which for a fork-server worker is the fork server,
+    and the fork server lives as long as any of its workers (each holds its liveness pipe): after a
+    SIGKILL of the main process, both would live on for ever, holding the job's output pipes open.
+    """
+    def watch() -> None:
+        while _alive(main_pid):
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name='main-process-watch', daemon=True).start()
+
+
 class DecodedBatches:
     """The dataset's batches through a DataLoader with `workers` decoding processes, timing the waits.
 
@@ -119,25 +151,30 @@ class DecodedBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
-        extra = dict(prefetch_factor=4, multiprocessing_context=start) if self.workers else {}
+        extra = dict(prefetch_factor=4, multiprocessing_context=start,
+                     worker_init_fn=functools.partial(_exit_with, os.getpid())) if self.workers else {}
         data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                                 pin_memory=self.device_type == 'cuda', **extra))
-        for seen in itertools.count():
-            asked = time.perf_counter()
-            batch = next(data, None)
-            if batch is None:
-                return
-            received, cpu = time.perf_counter(), time.process_time()
-            yield batch
-            if seen:  # the first batch includes the workers' start-up
-                self.waited += received - asked
-                if batch.keys:
-                    self.decode_cpu += batch.decode_s
-                    self.decoded += len(batch.keys)
-                    used = (time.process_time() - cpu) / len(batch.keys)
-                    self.model_cpu_per_image = min(self.model_cpu_per_image, used)
-            if seen == self.DECIDE_AFTER:
-                self._settle_threads()
+        threads = torch.get_num_threads()
+        try:
+            for seen in itertools.count():
+                asked = time.perf_counter()
+                batch = next(data, None)
+                if batch is None:
+                    return
+                received, cpu = time.perf_counter(), time.process_time()
+                yield batch
+                if seen:  # the first batch includes the workers' start-up
+                    self.waited += received - asked
+                    if batch.keys:
+                        self.decode_cpu += batch.decode_s
+                        self.decoded += len(batch.keys)
+                        used = (time.process_time() - cpu) / len(batch.keys)
+                        self.model_cpu_per_image = min(self.model_cpu_per_image, used)
+                if seen == self.DECIDE_AFTER:
+                    self._settle_threads()
+        finally:
+            torch.set_num_threads(threads)  # a library caller gets its setting back
 
     def _settle_threads(self) -> None:
         if self.device_type == 'cpu' and self.workers and self.decoded and \

@@ -188,9 +188,12 @@ def test_model_threads_make_room_for_workers_only_when_decoding_costs_more(decod
     try:
         torch.set_num_threads(4)
         batches = DecodedBatches(_SlowlyDecoded(DecodedBatches.DECIDE_AFTER + 2, decode_s), 2, 'cpu')
+        during = []
         for _ in batches:
             sum(range(20_000))  # the model's work: well under a second of CPU time per image
-        assert torch.get_num_threads() == (2 if fewer else 4)
+            during.append(torch.get_num_threads())
+        assert during[-1] == (2 if fewer else 4)
+        assert torch.get_num_threads() == 4  # given back when the batches end
     finally:
         torch.set_num_threads(threads)
 

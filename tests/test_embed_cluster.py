@@ -1,0 +1,179 @@
+"""`embed --out DIR` as cluster jobs run it: preemption signals, killed jobs leaving no process behind, torchrun
+ranks that finish far apart or have nothing to do, device per rank, progress in job logs, exit statuses.
+
+Everything runs through the command line on the tiny model; resumed folders are compared with an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from embed_tools import add_member, png, read_folder, run_embed, same_output
+
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
+            '-m', 'eva_open_clip')
+
+
+def _shards(root: Path, sizes: list[int], slow: tuple[int, ...] = ()) -> str:
+    """Shards of `sizes` PNGs; those of the shards in `slow` are 4000x4000 (about 0.25 s each to decode)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s, size in enumerate(sizes):
+        with tarfile.open(root / f'c-{s}.tar', 'w') as tf:
+            for i in range(size):
+                add_member(tf, f'{s}{i:05d}.png', _big_png(i) if s in slow else png(i, s))
+    return str(root / f'c-{{0..{len(sizes) - 1}}}.tar')
+
+
+def _big_png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new('RGB', (4000, 4000), (i % 256, 200, 30)).save(buf, 'PNG')
+    return buf.getvalue()
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path('/proc').iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / 'stat').read_bytes().rsplit(b')', 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f'/proc/{pid}/stat').read_bytes().rsplit(b')', 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in (b'Z', b'X'):
+            alive.add(pid)
+    return alive
+
+
+def _interrupt(tiny, args, out: Path, signum: int) -> tuple[subprocess.Popen, str, set[int]]:
+    """Start a job, send `signum` to its main process once a unit is done; (process, stderr, its processes)."""
+    job = run_embed(tiny, *args, out=out, background=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and job.poll() is None and not list((out / 'shards').glob('*.json')):
+        time.sleep(0.05)
+    processes = _descendants(job.pid)
+    assert job.poll() is None and processes, 'the job ended before it could be interrupted'
+    job.send_signal(signum)
+    _, stderr = job.communicate(timeout=60)  # nothing of the job keeps its output pipes open
+    return job, stderr, processes
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_interrupted_job_leaves_no_process_and_resumes_exactly(signum, tiny, tmp_path):
+    pattern = _shards(tmp_path / 'shards', [150, 150, 150, 150])
+    args = (pattern, '--batch-size', '1', '--part-size', '40', '--workers', '2')
+    reference = tmp_path / 'reference'
+    assert run_embed(tiny, *args, out=reference).returncode == 0
+    out = tmp_path / 'out'
+    job, stderr, processes = _interrupt(tiny, args, out, signum)
+    if signum == signal.SIGKILL:
+        assert job.returncode == -signal.SIGKILL
+    else:
+        assert job.returncode == 128 + signum, stderr[-3000:]
+        assert 'Traceback' not in stderr
+        done = len(list((out / 'shards').glob('*.json')))
+        assert stderr.strip().splitlines()[-1] == \
+            f'eva-open-clip embed: interrupted after {done} of 4 units; run the same command to resume'
+    deadline = time.time() + 10
+    while _running(processes) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _running(processes), 'processes of the job outlived it'
+    result = run_embed(tiny, *args, out=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    same_output(reference, out)
+
+
+def test_ranks_finishing_far_apart_wait_on_no_collective(tiny, tmp_path):
+    # unit 1 (rank 1's) is slow to decode; rank 0's units 0 and 2 are quick: rank 0 ends long before rank 1
+    pattern = _shards(tmp_path / 'shards', [4, 30, 4], slow=(1,))
+    out = tmp_path / 'out'
+    env_timeout = dict(os.environ, EVA_OPEN_CLIP_START_TIMEOUT_S='3')  # every collective would time out after 3 s
+    cmd = [*TORCHRUN, *_cli(tiny, pattern, '--batch-size', '1', '--workers', '1', out=out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / 'summary.json').read_text())
+    rank0, rank1 = summary['ranks']
+    assert (rank0['units'], rank1['units']) == (2, 1) and summary['rows'] == 38
+    assert rank1['seconds'] - rank0['seconds'] > 3  # rank 0 waited for rank 1 longer than the timeout
+    assert not list((out / 'ranks').iterdir())
+    assert len(read_folder(out)) == 38
+
+
+def _cli(tiny, *args, out) -> list[str]:
+    from embed_tools import embed_command
+    return embed_command(tiny, *args, out=out)
+
+
+def test_a_rank_without_units_does_not_load_the_model(tiny, tmp_path):
+    pattern = _shards(tmp_path / 'shards', [5])
+    out = tmp_path / 'out'
+    result = subprocess.run([*TORCHRUN, *_cli(tiny, pattern, out=out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / 'summary.json').read_text())
+    assert [(r['rank'], r['units'], r['model_loaded']) for r in summary['ranks']] == [(0, 1, True), (1, 0, False)]
+    assert summary['rows'] == 5
+
+
+def test_one_gpu_named_for_every_rank_is_a_usage_error(tiny, tmp_path):
+    pattern = _shards(tmp_path / 'shards', [2])
+    result = subprocess.run([*TORCHRUN, *_cli(tiny, pattern, '--device', 'cuda:1', out=tmp_path / 'out')],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert ('eva-open-clip embed: --device cuda:1 would put all 2 ranks of this node on one GPU: give --device cuda '
+            '(each rank takes cuda:LOCAL_RANK)') in result.stderr
+    assert 'eva_open_clip/' not in result.stderr  # no traceback of ours (torchrun prints its own summary)
+
+
+def test_npy_output_under_torchrun_is_refused(tiny, tmp_path):
+    pattern = _shards(tmp_path / 'shards', [2])
+    result = subprocess.run([*TORCHRUN, *_cli(tiny, pattern, out=tmp_path / 'x.npy')], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0
+    assert 'eva-open-clip embed: --out FILE.npy is written by one process: under torchrun give --out DIR' in result.stderr
+
+
+def test_progress_in_a_job_log_is_plain_lines(tiny, tmp_path):
+    pattern = _shards(tmp_path / 'shards', [100, 100, 100])
+    result = run_embed(tiny, pattern, '--batch-size', '1', '--workers', '1', '--progress-interval', '0.3',
+                       out=tmp_path / 'out')
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith('progress: ')]
+    assert lines and '\r' not in result.stderr
+    assert all(' units done, ' in line and line.split()[1].endswith('/3') for line in lines)
+    assert any('left' in line for line in lines) or len(lines) == 1
+    quiet = run_embed(tiny, pattern, '--quiet', out=tmp_path / 'quiet')
+    assert quiet.returncode == 0 and '\r' not in quiet.stderr and 'progress: ' not in quiet.stderr
+    assert quiet.stderr.strip().splitlines()[-1].startswith('embedded 300 samples of 3 units')
+
+
+def test_nothing_embedded_is_a_failure_with_the_reasons(tiny, tmp_path):
+    pattern = _shards(tmp_path / 'shards', [3])
+    result = run_embed(tiny, pattern, '--image-key', 'jpg', out=tmp_path / 'out')
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == ("eva-open-clip embed: no sample could be embedded (skipped by "
+                                                      "reason: {'no_image': 3}; check --image-key and --caption-key)")
