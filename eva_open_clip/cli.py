@@ -159,6 +159,12 @@ def _embed_folder(args: argparse.Namespace) -> int:
           f"({summary['skipped']} skipped: {summary['skipped_by_reason'] or 'none'}); this run: "
           f"{sum(r['rows'] for r in ranks_counts)} samples on {ranks.world_size} rank(s)"
           f"{_rate(ranks_counts)}", file=sys.stderr)
+    unreadable = [u for r in ranks_counts for u in r['unreadable']]
+    if unreadable:
+        first = unreadable[0]
+        print(f"eva-open-clip embed: {len(unreadable)} shard(s) could not be read, e.g. {first['source']}: "
+              f"{first['detail']}; they are not marked done: run the same command to try them again", file=sys.stderr)
+        return 1
     if summary['rows'] == 0:
         print('eva-open-clip embed: no sample could be embedded'
               + (f" (skipped by reason: {summary['skipped_by_reason']}; check --image-key and --caption-key)"

@@ -12,6 +12,7 @@ precede the damage is kept, and the damage is one `Skip` naming the member where
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
@@ -35,6 +36,7 @@ SHARD_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
 IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
 CAPTION_KEY = 'txt'
 _PATTERN_CHARS = set('{*?[')
+UNREADABLE = 'unreadable_shard'
 _WDS_META = re.compile(r'__[^/]*__($|/)')  # webdataset's members that belong to no sample
 
 
@@ -44,10 +46,14 @@ class InputError(UsageError):
 
 @dataclass(frozen=True)
 class Source:
-    """An input file and what shows that it changed: its size, and for a shard its modification time."""
+    """An input and what shows that it changed: a file's size, and a local shard's modification time.
+
+    A remote shard (a webdataset URL such as `https://host/0001.tar` or `pipe:aws s3 cp s3://b/0001.tar -`)
+    is known by its URL alone.
+    """
 
     path: str
-    size: int
+    size: int | None = None
     mtime_ns: int | None = None
 
     @property
@@ -55,15 +61,20 @@ class Source:
         return is_shard(self.path)
 
     def identity(self) -> list:
-        return [self.path, self.size] + ([self.mtime_ns] if self.mtime_ns is not None else [])
+        return [self.path] + [v for v in (self.size, self.mtime_ns) if v is not None]
 
     @staticmethod
     def from_identity(identity: list) -> 'Source':
         return Source(*identity)
 
 
+def is_url(path: str) -> bool:
+    """A webdataset URL, read through webdataset's opener (`pipe:COMMAND`, `http(s)://`, ...)."""
+    return path.startswith('pipe:') or '://' in path
+
+
 def is_shard(path: str) -> bool:
-    return path.endswith(SHARD_SUFFIXES)
+    return is_url(path) or path.endswith(SHARD_SUFFIXES)
 
 
 def _source(path: str, stat: os.stat_result) -> Source:
@@ -104,7 +115,9 @@ def _stat(path: str, named_by: str) -> Source:
 def input_sources(inputs: Sequence[str], files_from: str | None) -> Iterator[Source]:
     """Every input file (tar shards and image files), in the order given; raises InputError for a missing one."""
     for arg in inputs:
-        if os.path.isdir(arg):
+        if is_url(arg):
+            yield from (Source(url) for url in braceexpand(arg))
+        elif os.path.isdir(arg):
             yield from _walk(arg)
         elif os.path.isfile(arg):
             yield _stat(arg, '')
@@ -137,7 +150,8 @@ class Sample:
 class Skip:
     """A sample that gives no row: its key (None when unknown), a reason code and a detail for people.
 
-    Codes: `no_image`, `bad_json`, `no_caption`, `caption_not_text`, `undecodable_image`, `damaged_tar`.
+    Codes: `no_image`, `bad_json`, `no_caption`, `caption_not_text`, `undecodable_image`, `damaged_tar`,
+    and UNREADABLE (`unreadable_shard`: the shard itself could not be read; its unit is not marked done).
     """
 
     key: str | None
@@ -168,44 +182,76 @@ class _CountedStream:
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
+@contextlib.contextmanager
+def _open_shard(shard: str) -> Iterator[BinaryIO]:
+    """A local shard's file, or a URL's stream through webdataset's opener (a failed command: OSError on close)."""
+    if not is_url(shard):
+        with open(shard, 'rb') as f:
+            yield f
+        return
+    from webdataset.gopen import gopen
+    stream = gopen(shard, 'rb')
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
 def _tar_members(shard: str) -> Iterator[tuple[str, str, bytes] | Skip]:
     """(sample key, extension, data) of each member of a shard in order, then a `Skip` if it is damaged.
 
-    A member cut short is not yielded: the Skip carries its sample's key, and that sample is lost.
+    A member cut short is not yielded: the Skip carries its sample's key, and that sample is lost. A
+    shard that could not be opened or read to its end (a URL not found, a command that failed) ends
+    with a Skip of reason UNREADABLE: its unit is not done, and is tried again by the next run.
     """
-    with open(shard, 'rb') as raw:
-        stream = _CountedStream(gzip.GzipFile(fileobj=raw) if shard.endswith(('.gz', '.tgz')) else raw)
-        last = None  # the last whole member
+    damage = None
+    try:
+        with _open_shard(shard) as raw:
+            for item in _members_of(shard, raw):
+                if isinstance(item, Skip):
+                    damage = item
+                    break
+                yield item
+    except OSError as e:
+        damage = Skip(damage.key if damage else None, UNREADABLE, f'could not be read ({str(e)[:300]})')
+    if damage is not None:
+        yield damage
+
+
+def _members_of(shard: str, raw: BinaryIO) -> Iterator[tuple[str, str, bytes] | Skip]:
+    gzipped = re.search(r'\.(tar\.gz|tgz)\b', shard) if is_url(shard) else shard.endswith(('.gz', '.tgz'))
+    stream = _CountedStream(gzip.GzipFile(fileobj=raw) if gzipped else raw)
+    last = None  # the last whole member
+    try:
+        archive = tarfile.open(fileobj=stream, mode='r|')
+    except _READ_ERRORS as e:
+        yield Skip(None, 'damaged_tar', f'not a readable tar ({type(e).__name__})')
+        return
+    while True:
         try:
-            archive = tarfile.open(fileobj=stream, mode='r|')
+            info = archive.next()
         except _READ_ERRORS as e:
-            yield Skip(None, 'damaged_tar', f'not a readable tar ({type(e).__name__})')
+            yield Skip(None, 'damaged_tar', f'unreadable after member {last} ({type(e).__name__})')
             return
-        while True:
-            try:
-                info = archive.next()
-            except _READ_ERRORS as e:
-                yield Skip(None, 'damaged_tar', f'unreadable after member {last} ({type(e).__name__})')
-                return
-            if info is None:
-                break
-            key, extension = base_plus_ext(info.name)
-            if not info.isreg() or key is None or _WDS_META.match(info.name):
-                continue
-            try:
-                data = archive.extractfile(info).read()
-            except _READ_ERRORS as e:
-                yield Skip(key, 'damaged_tar', f'the shard ends inside member {info.name} ({type(e).__name__})')
-                return
-            archive.members = []  # a shard may hold millions of members: keep none
-            last = info.name
-            yield key, extension.lower(), data
+        if info is None:
+            break
+        key, extension = base_plus_ext(info.name)
+        if not info.isreg() or key is None or _WDS_META.match(info.name):
+            continue
         try:
-            whole = stream.ends_as_a_tar()
-        except _READ_ERRORS:
-            whole = False
-        if not whole:
-            yield _cut_short(stream, archive.offset, last)
+            data = archive.extractfile(info).read()
+        except _READ_ERRORS as e:
+            yield Skip(key, 'damaged_tar', f'the shard ends inside member {info.name} ({type(e).__name__})')
+            return
+        archive.members = []  # a shard may hold millions of members: keep none
+        last = info.name
+        yield key, extension.lower(), data
+    try:
+        whole = stream.ends_as_a_tar()
+    except _READ_ERRORS:
+        whole = False
+    if not whole:
+        yield _cut_short(stream, archive.offset, last)
 
 
 def _cut_short(stream: _CountedStream, offset: int, last: str | None) -> Skip:

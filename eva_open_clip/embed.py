@@ -52,7 +52,8 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     that finish hours apart wait on nothing with a timeout. Each rank's counts: `units`, `rows` and
     `skipped` of this run, `model_loaded` (a rank with no units left does not load it), and `seconds`
     and `images_per_s` from the end of the first batch (loading and start-up excluded), with
-    `input_wait_s` the part of that time spent waiting for decoded images.
+    `input_wait_s` the part of that time spent waiting for decoded images; `unreadable`, the units whose
+    shard could not be read (not done: the next run tries them again).
     """
     out = Path(out)
     lock = FolderLock(out)
@@ -77,7 +78,8 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         progress = JobProgress(out / 'shards', len(units), progress_interval, enabled=ranks.rank == 0 and not quiet)
         try:
             counts = _embed_units(load_encoder, settings, mine, out, workers, progress) if mine else \
-                dict(units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None, input_wait_s=0.0, model_loaded=False)
+                dict(units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None, input_wait_s=0.0, model_loaded=False,
+                     unreadable=[])
         finally:
             progress.close()
         write_text(rank_record(out, ranks.rank), json.dumps(dict(rank=ranks.rank, **counts)) + '\n')
@@ -123,4 +125,4 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     seconds = time.perf_counter() - first if first is not None else 0.0
     return dict(units=len(writer.finished), rows=rows, skipped=sum(len(r['skipped']) for r in writer.finished),
                 seconds=seconds, images_per_s=(rows - first_rows) / seconds if seconds > 0 else None,
-                input_wait_s=batches.waited, model_loaded=True)
+                input_wait_s=batches.waited, model_loaded=True, unreadable=writer.unreadable)

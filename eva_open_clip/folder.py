@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import metadata
-from .data import Skip
+from .data import UNREADABLE, Skip
 from .durable import remove_temporary_files, write_atomic, write_text
 from .errors import UsageError
 from .loader import Batch
@@ -168,6 +168,7 @@ class FolderWriter:
         self.sources = {u.index: u.source for u in units}
         self.units: dict[int, _UnitRows] = {}
         self.finished: list[dict] = []  # records of the units this writer completed
+        self.unreadable: list[dict] = []  # units whose shard could not be read (not done)
 
     def add(self, batch: Batch, image: np.ndarray | None, text: np.ndarray | None) -> None:
         unit = self.units.setdefault(batch.unit, _UnitRows(self.sources[batch.unit]))
@@ -213,6 +214,10 @@ class FolderWriter:
         unit.parts.append(dict(name=name, rows=rows, files=files, columns=kinds))
 
     def _finish_unit(self, index: int, unit: _UnitRows) -> None:
+        unreadable = next((s for s in unit.skipped if s.reason == UNREADABLE), None)
+        if unreadable is not None:  # no record: its parts are removed and the unit redone by the next run
+            self.unreadable.append(dict(unit=index, source=unit.source, detail=unreadable.detail))
+            return
         record = dict(unit=index, source=unit.source, rows=unit.total, parts=unit.parts,
                       skipped=[dict(key=s.key, reason=s.reason, detail=s.detail) for s in unit.skipped])
         write_text(_record_path(self.out, index), json.dumps(record) + '\n')

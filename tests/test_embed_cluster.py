@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from embed_tools import add_member, png, read_folder, run_embed, same_output
+from embed_tools import add_member, png, read_folder, run_embed, same_output, same_rows
 
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
             '-m', 'eva_open_clip')
@@ -177,3 +177,66 @@ def test_nothing_embedded_is_a_failure_with_the_reasons(tiny, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == ("eva-open-clip embed: no sample could be embedded (skipped by "
                                                       "reason: {'no_image': 3}; check --image-key and --caption-key)")
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/served (stopped after the test)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    served = tmp_path / 'served'
+    served.mkdir()
+    server = ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    thread.join()
+
+
+def test_remote_shards_through_webdataset_urls(tiny, tmp_path, http_server):
+    import gzip
+    import shutil
+    served, base = http_server
+    local = _shards(tmp_path / 'shards', [20, 20, 20])
+    reference = run_embed(tiny, local, out=tmp_path / 'reference')
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    for s in range(3):
+        shutil.copy(tmp_path / 'shards' / f'c-{s}.tar', served / f'c-{s}.tar')
+    (served / 'c-2.tgz').write_bytes(gzip.compress((served / 'c-2.tar').read_bytes()))
+    inputs = {  # the arguments, and the units they are listed as (a remote shard is known by its URL)
+        'http': ([f'{base}/c-{{0..1}}.tar', f'{base}/c-2.tgz'], [f'{base}/c-0.tar', f'{base}/c-1.tar', f'{base}/c-2.tgz']),
+        'pipe': ([f'pipe:cat {tmp_path}/shards/c-{{0..2}}.tar'], [f'pipe:cat {tmp_path}/shards/c-{s}.tar' for s in range(3)]),
+    }
+    for name, (urls, listed) in inputs.items():
+        out = tmp_path / name
+        result = run_embed(tiny, *urls, out=out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        same_rows(out, tmp_path / 'reference')
+        units = [json.loads(line)['sources'] for line in (out / 'units.jsonl').read_text().splitlines()]
+        assert units == [[[url]] for url in listed]
+
+
+def test_an_unreadable_remote_shard_is_retried_by_the_next_run(tiny, tmp_path, http_server):
+    import shutil
+    served, base = http_server
+    _shards(tmp_path / 'shards', [10, 10])
+    shutil.copy(tmp_path / 'shards' / 'c-0.tar', served / 'c-0.tar')  # c-1.tar is not there yet
+    out = tmp_path / 'out'
+    result = run_embed(tiny, f'{base}/c-{{0..1}}.tar', out=out)
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f'eva-open-clip embed: 1 shard(s) could not be read, e.g. {base}/c-1.tar: could not be read')
+    assert line.endswith('they are not marked done: run the same command to try them again')
+    assert [p.name for p in (out / 'shards').iterdir()] == ['000000.json']
+    shutil.copy(tmp_path / 'shards' / 'c-1.tar', served / 'c-1.tar')
+    result = run_embed(tiny, f'{base}/c-{{0..1}}.tar', out=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'this run: 10 samples' in result.stderr
+    assert sorted(read_folder(out)) == sorted(f'{s}{i:05d}' for s in range(2) for i in range(10))
