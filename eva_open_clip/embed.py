@@ -20,7 +20,7 @@ from .errors import ToolError, UsageError
 from .durable import write_text
 from .folder import FolderSettings, FolderWriter, done_units, finish_folder, prepare, rank_record
 from .inference import Encoder
-from .loader import DecodedBatches, UnitDataset
+from .loader import DecodedBatches, UnitDataset, shm_prefetch
 from .progress import JobProgress
 from .units import read_units
 
@@ -101,6 +101,13 @@ def _wait_for_ranks(out: Path, world_size: int) -> list[dict]:
     return [json.loads(p.read_text()) for p in paths]
 
 
+def _image_bytes(encoder: Encoder) -> int:
+    """The bytes of one preprocessed image."""
+    from PIL import Image
+    pixels = encoder.preprocess(Image.new('RGB', (8, 8)))
+    return pixels.numel() * pixels.element_size()
+
+
 def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list, out: Path,
                  workers: int, progress: JobProgress) -> dict:
     encoder = load_encoder()
@@ -110,7 +117,8 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
                           tokenizer=encoder.tokenizer if settings.captions else None)
     first = None  # when the first batch was done: the rate excludes loading and start-up
     first_rows = 0
-    batches = DecodedBatches(dataset, workers, encoder.device_type)
+    batches = DecodedBatches(dataset, workers, encoder.device_type,
+                             shm_prefetch(workers, settings.batch_size * _image_bytes(encoder)))
     for batch in batches:
         image = text = None
         if batch.pixels is not None:

@@ -5,6 +5,8 @@ import functools
 import itertools
 import multiprocessing
 import os
+import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .data import IMAGE_KEYS, Skip, caption_text, open_image, unit_samples
+from .errors import UsageError
 from .units import Unit
 
 _WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
@@ -124,6 +127,33 @@ def _exit_with(main_pid: int, worker_id: int) -> None:
     threading.Thread(target=watch, name='main-process-watch', daemon=True).start()
 
 
+SHM = '/dev/shm'
+PREFETCH = 4  # batches each decoding worker keeps ready
+
+
+def shm_prefetch(workers: int, batch_bytes: int, shm: str = SHM) -> int:
+    """Batches per worker that fit the shared memory the workers hand their batches over in.
+
+    Containers often have little (Docker's default is 64 MB), and a DataLoader that overruns it dies
+    of a bus error. Lowers the prefetch to what fits, saying so, or refuses in one line when not even
+    one batch per worker fits.
+    """
+    if not workers or not os.path.isdir(shm):
+        return PREFETCH
+    free = shutil.disk_usage(shm).free
+    fits = int(free // (workers * batch_bytes * 2))  # a batch can be in shared memory twice while handed over
+    if fits >= PREFETCH:
+        return PREFETCH
+    mb = f'{free / 2 ** 20:.0f} MB'
+    if fits < 1:
+        raise UsageError(f'{shm} has {mb} free, too little for {workers} decoding worker(s) handing over batches of '
+                         f'{batch_bytes / 2 ** 20:.0f} MB: give the container more shared memory (e.g. docker run '
+                         f'--shm-size 8g), or lower --batch-size or --workers (--workers 0 decodes in this process)')
+    print(f'note: {shm} has {mb} free: each decoding worker keeps {fits} batch(es) ready instead of {PREFETCH} '
+          f'(more shared memory, e.g. docker run --shm-size 8g, lets them keep {PREFETCH})', file=sys.stderr)
+    return fits
+
+
 class DecodedBatches:
     """The dataset's batches through a DataLoader with `workers` decoding processes, timing the waits.
 
@@ -144,14 +174,15 @@ class DecodedBatches:
 
     DECIDE_AFTER = 4  # batches measured before the threads are settled (the first one is not measured)
 
-    def __init__(self, dataset: torch.utils.data.IterableDataset, workers: int, device_type: str):
-        self.dataset, self.workers, self.device_type = dataset, workers, device_type
+    def __init__(self, dataset: torch.utils.data.IterableDataset, workers: int, device_type: str,
+                 prefetch: int = PREFETCH):
+        self.dataset, self.workers, self.device_type, self.prefetch = dataset, workers, device_type, prefetch
         self.waited = 0.0
         self.decode_cpu, self.decoded, self.model_cpu_per_image = 0.0, 0, float('inf')
 
     def __iter__(self) -> Iterator[Batch]:
         start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
-        extra = dict(prefetch_factor=4, multiprocessing_context=start,
+        extra = dict(prefetch_factor=self.prefetch, multiprocessing_context=start,
                      worker_init_fn=functools.partial(_exit_with, os.getpid())) if self.workers else {}
         data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                                 pin_memory=self.device_type == 'cuda', **extra))

@@ -240,3 +240,36 @@ def test_an_unreadable_remote_shard_is_retried_by_the_next_run(tiny, tmp_path, h
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'this run: 10 samples' in result.stderr
     assert sorted(read_folder(out)) == sorted(f'{s}{i:05d}' for s in range(2) for i in range(10))
+
+
+def _with_small_shm(size: str, cmd: list[str]) -> subprocess.CompletedProcess:
+    """`cmd` in a mount namespace whose /dev/shm is a tmpfs of `size` (skips where that is not allowed)."""
+    probe = subprocess.run(['unshare', '-m', 'sh', '-c', 'mount -t tmpfs -o size=1m tmpfs /dev/shm'],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip('making a mount namespace needs root and unshare')
+    script = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"'
+    return subprocess.run(['unshare', '-m', 'sh', '-c', script, 'sh', *cmd], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_small_shared_memory_lowers_the_prefetch_or_says_what_to_do(tiny, tmp_path):
+    pattern = _shards(tmp_path / 'shards', [40, 40])
+    reference = run_embed(tiny, pattern, '--workers', '2', out=tmp_path / 'reference')
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    cli = [sys.executable, '-m', 'eva_open_clip']
+    # the tiny model's batches of 16: 0.57 MiB each, counted twice while handed over; 6 MiB holds 2 per worker
+    # for 2 workers, not 4
+    result = _with_small_shm('6m', [*cli, *_cli(tiny, pattern, '--workers', '2', '--batch-size', '16',
+                                               out=tmp_path / 'out')])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'note: /dev/shm has 6 MB free: each decoding worker keeps 2 batch(es) ready instead of 4' in result.stderr
+    same_rows(tmp_path / 'reference', tmp_path / 'out')
+    # batches of 256 (9.6 MB): not one fits
+    result = _with_small_shm('8m', [*cli, *_cli(tiny, pattern, '--workers', '2', '--batch-size', '256',
+                                                out=tmp_path / 'big')])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        'eva-open-clip embed: /dev/shm has 8 MB free, too little for 2 decoding worker(s) handing over batches of '
+        '9 MB: give the container more shared memory (e.g. docker run --shm-size 8g), or lower --batch-size or '
+        '--workers (--workers 0 decodes in this process)')
