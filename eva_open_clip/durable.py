@@ -6,7 +6,7 @@ flushed to disk (fsync), renamed over the target, and the folder's entry is made
 the folder). A reader therefore sees the old file or the complete new one, and a record written after
 it (such as a unit's record in an output folder) never outlives its content in a crash.
 
-`FolderLock` makes one job at a time the writer of an output folder.
+`OutputLock` makes one job at a time the writer of an output.
 """
 from __future__ import annotations
 
@@ -85,21 +85,22 @@ def remove_temporary_files(folder: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-class FolderLock:
-    """An exclusive lock on `folder/.lock`, held until `release` or the process ends.
+class OutputLock:
+    """An exclusive lock on an output, held until `release` or the process ends.
 
-    The lock is `fcntl.flock`, which the kernel drops when the holding process dies (even by SIGKILL),
-    so nothing is left to clean up by hand. The holder writes its host and process id into the file,
-    and a second job is refused with them.
+    A folder's lock file is `FOLDER/.lock`, a single file's `.NAME.lock` beside it. The lock is
+    `fcntl.flock`, which the kernel drops when the holding process dies (even by SIGKILL), so nothing
+    is left to clean up by hand. The holder writes its host and process id into the file, and a second
+    job is refused with them.
     """
 
-    NAME = '.lock'
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / self.NAME
+    def __init__(self, output: Path, folder: bool = True):
+        output = Path(output)
+        self.output = output
+        self.path = output / '.lock' if folder else output.with_name(f'.{output.name}.lock')
         self.fd: int | None = None
 
-    def acquire(self) -> 'FolderLock':
+    def acquire(self) -> 'OutputLock':
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -110,7 +111,7 @@ class FolderLock:
             holder = os.pread(fd, 200, 0).decode('utf-8', 'replace').strip() or 'another process'
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise FolderBusy(f'{self.path.parent} is in use by another embed job ({holder}); wait for it to '
+                raise OutputBusy(f'{self.output} is in use by another embed job ({holder}); wait for it to '
                                  f'end or stop it, then run the same command to resume') from None
             raise write_error(self.path, e) from None
         os.ftruncate(fd, 0)
@@ -123,12 +124,12 @@ class FolderLock:
             os.close(self.fd)  # closing the last descriptor drops the lock
             self.fd = None
 
-    def __enter__(self) -> 'FolderLock':
+    def __enter__(self) -> 'OutputLock':
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
-class FolderBusy(UsageError):
-    """The output folder is locked by another job."""
+class OutputBusy(UsageError):
+    """The output is locked by another job."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .durable import FolderLock
+from .durable import OutputLock
 from .errors import ToolError, UsageError
 from .durable import write_text
 from .folder import FolderSettings, FolderWriter, done_units, finish_folder, prepare, rank_record
@@ -56,7 +56,7 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     shard could not be read (not done: the next run tries them again).
     """
     out = Path(out)
-    lock = FolderLock(out)
+    lock = OutputLock(out)
     try:
         failure = None
         if ranks.rank == 0:

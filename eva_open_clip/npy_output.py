@@ -1,21 +1,22 @@
 """`embed --out FILE.npy` (small jobs): one float32 array, row i for line i of FILE.paths.txt.
 
-Rows are appended to a scratch file as they come; at the end FILE.paths.txt and FILE.npy are each
-written with `durable.write_atomic`, so an interrupted run leaves an older output as it was.
+Rows are written as they come into FILE.npy under a temporary name; at the end FILE.paths.txt and
+FILE.npy are flushed to disk and renamed into place one right after the other, so an interrupted run
+leaves an older output as it was.
 """
 from __future__ import annotations
 
+import glob
 import os
-import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from numpy.lib import format as npy_format
 
 from .data import IMAGE_KEYS, Skip
-from .durable import commit, stage
+from .durable import TEMP_SUFFIX, OutputLock, commit, stage, write_error
 from .errors import UsageError
 from .inference import Encoder
 from .loader import Batch, DecodedBatches, UnitDataset
@@ -29,12 +30,19 @@ def paths_file(out: Path) -> Path:
 
 
 class _Rows:
-    """float32 rows appended to a scratch file beside the output; `save` writes them as one .npy array."""
+    """float32 rows written straight into the future FILE.npy under a temporary name; `commit` renames it.
 
-    def __init__(self, folder: Path):
-        fd, name = tempfile.mkstemp(prefix='.embed-rows.', suffix='.tmp', dir=folder)
+    The .npy header has a fixed size here (128 bytes, room for any row count), written last, so the
+    array is never copied: the output takes its own size on disk, once.
+    """
+
+    HEADER = 128
+
+    def __init__(self, out: Path):
+        fd, name = tempfile.mkstemp(prefix=f'.{out.name}.', suffix=TEMP_SUFFIX, dir=out.parent)
         self.path = Path(name)
         self.file = os.fdopen(fd, 'wb')
+        self.file.write(b'\0' * self.HEADER)
         self.rows, self.dim = 0, 0
 
     def append(self, rows: np.ndarray) -> None:
@@ -42,17 +50,22 @@ class _Rows:
         self.file.write(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
         self.rows += rows.shape[0]
 
-    def stage(self, path: Path) -> Path:
-        self.file.flush()
+    def _header(self) -> bytes:
+        text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({self.rows}, {self.dim}), }}"
+        body = text.ljust(self.HEADER - 11) + '\n'  # 10 bytes of magic, version and length before it
+        return b'\x93NUMPY\x01\x00' + struct.pack('<H', len(body)) + body.encode('latin1')
 
-        def write(tmp: Path) -> None:
-            header = {'descr': npy_format.dtype_to_descr(np.dtype(np.float32)), 'fortran_order': False,
-                      'shape': (self.rows, self.dim)}
-            with open(tmp, 'wb') as f, open(self.path, 'rb') as rows:
-                npy_format.write_array_header_1_0(f, header)
-                shutil.copyfileobj(rows, f, 1 << 24)
-
-        return stage(path, write)
+    def finish(self) -> Path:
+        """Write the header and flush the file to disk; return its temporary path."""
+        try:
+            self.file.seek(0)
+            self.file.write(self._header())
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        return self.path
 
     def discard(self) -> None:
         self.file.close()
@@ -73,10 +86,23 @@ def _in_input_order(batches: DecodedBatches) -> Iterator[Batch]:
 def embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike, batch_size: int = 32,
                  text_file: str | None = None, files_from: str | None = None, workers: int = 0,
                  image_keys: Sequence[str] = IMAGE_KEYS) -> tuple[int, list[Skip]]:
-    """Write FILE.npy and FILE.paths.txt; return the number of rows and the samples skipped."""
+    """Write FILE.npy and FILE.paths.txt; return the number of rows and the samples skipped.
+
+    One job at a time writes an output (its lock, `.FILE.npy.lock`); the temporary files that a killed
+    job left beside the outputs are removed first.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows, keys, skipped = _Rows(out.parent), [], []
+    with OutputLock(out, folder=False):
+        for target in (out, paths_file(out)):
+            for stale in out.parent.glob(f'.{glob.escape(target.name)}.*{TEMP_SUFFIX}'):
+                stale.unlink()
+        return _embed_to_npy(encoder, inputs, out, batch_size, text_file, files_from, workers, image_keys)
+
+
+def _embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: Path, batch_size: int, text_file: str | None,
+                  files_from: str | None, workers: int, image_keys: Sequence[str]) -> tuple[int, list[Skip]]:
+    rows, keys, skipped = _Rows(out), [], []
     try:
         if text_file:
             lines = [line for line in Path(text_file).read_text(encoding='utf-8').splitlines() if line.strip()]
@@ -98,13 +124,10 @@ def embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike
                     progress.update(len(batch.keys) + len(batch.skipped))
         if not keys:
             raise UsageError('no input could be decoded' if skipped else 'nothing to embed')
-        array = rows.stage(out)
-        try:
-            paths = stage(paths_file(out), lambda p: p.write_text(''.join(f'{k}\n' for k in keys), encoding='utf-8'))
-            commit(paths, paths_file(out))  # the two renames follow each other: both files are already on disk
-            commit(array, out)
-        finally:
-            array.unlink(missing_ok=True)
+        array = rows.finish()
+        paths = stage(paths_file(out), lambda p: p.write_text(''.join(f'{k}\n' for k in keys), encoding='utf-8'))
+        commit(paths, paths_file(out))  # the two renames follow each other: both files are already on disk
+        commit(array, out)
     finally:
         rows.discard()
     return len(keys), skipped
