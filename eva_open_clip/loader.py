@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .data import IMAGE_KEYS, Skip, caption_text, open_image, unit_samples
-from .errors import UsageError
+from .errors import ToolError, UsageError
 from .units import Unit
 
 _WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
@@ -173,6 +173,7 @@ class DecodedBatches:
     """
 
     DECIDE_AFTER = 4  # batches measured before the threads are settled (the first one is not measured)
+    STALLED_S = 1800  # a worker that has not delivered a batch for this long is stuck: the job stops, resumable
 
     def __init__(self, dataset: torch.utils.data.IterableDataset, workers: int, device_type: str,
                  prefetch: int = PREFETCH):
@@ -182,7 +183,7 @@ class DecodedBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
-        extra = dict(prefetch_factor=self.prefetch, multiprocessing_context=start,
+        extra = dict(prefetch_factor=self.prefetch, multiprocessing_context=start, timeout=self.STALLED_S,
                      worker_init_fn=functools.partial(_exit_with, os.getpid())) if self.workers else {}
         data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                                 pin_memory=self.device_type == 'cuda', **extra))
@@ -190,7 +191,13 @@ class DecodedBatches:
         try:
             for seen in itertools.count():
                 asked = time.perf_counter()
-                batch = next(data, None)
+                try:
+                    batch = next(data, None)
+                except RuntimeError as e:
+                    if 'timed out' not in str(e):
+                        raise
+                    raise ToolError(f'no decoded batch came for {self.STALLED_S} s (a stalled read of a shard?); '
+                                    f'run the same command to resume') from None
                 if batch is None:
                     return
                 received, cpu = time.perf_counter(), time.process_time()

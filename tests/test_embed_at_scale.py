@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from eva_open_clip.errors import ToolError
 from eva_open_clip.loader import Batch, DecodedBatches, UnitDataset
 from eva_open_clip.units import list_units
 from conftest import DATA
@@ -158,12 +159,12 @@ def test_worker_pixels_are_the_preprocessed_files_bit_for_bit(tiny):
 class _SlowlyDecoded(torch.utils.data.IterableDataset):
     """Batches of one sample, each after 0.1 s of waiting, reporting `decode_s` CPU seconds of decoding."""
 
-    def __init__(self, batches: int, decode_s: float = 0.0):
-        self.batches, self.decode_s = batches, decode_s
+    def __init__(self, batches: int, decode_s: float = 0.0, wait_s: float = 0.1):
+        self.batches, self.decode_s, self.wait_s = batches, decode_s, wait_s
 
     def __iter__(self):
         for i in range(self.batches):
-            time.sleep(0.1)
+            time.sleep(self.wait_s)
             yield Batch(0, keys=[str(i)], decode_s=self.decode_s)
 
 
@@ -253,3 +254,13 @@ def test_torchrun_two_ranks_equal_one_process(dataset, tiny, tmp_path):
     summary = json.loads((ranks / 'summary.json').read_text())
     assert [r['rank'] for r in summary['ranks']] == [0, 1] and sum(r['rows'] for r in summary['ranks']) == len(a)
     assert [r['units'] for r in summary['ranks']] == [4, 3]
+
+
+def test_a_stalled_worker_stops_the_job_in_one_line():
+    batches = DecodedBatches(_SlowlyDecoded(2, wait_s=30), 1, 'cpu')
+    batches.STALLED_S = 2
+    started = time.perf_counter()
+    with pytest.raises(ToolError, match=r'^no decoded batch came for 2 s \(a stalled read of a shard\?\); run the '
+                                        r'same command to resume$'):
+        list(batches)
+    assert time.perf_counter() - started < 25
