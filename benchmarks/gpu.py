@@ -3,8 +3,15 @@
     python benchmarks/gpu.py              # on a machine with a GPU (a few minutes; about 40 GB of disk)
     python benchmarks/gpu.py --dry-run    # on the CPU with the tiny reference model (tests run this)
 
-Sections:
+Sections (each also reports its own wall time):
 
+- `gemm`: the bf16 matrix-multiply peak of this GPU, measured here (the yardstick of `encode`).
+- `encode`: EVA_CLIP_g_14 `encode_image` in bf16 at batch 64 and 256, eager and `torch.compile`:
+  images/s and the fraction of the measured peak that its FLOPs (counted by torch's FlopCounterMode)
+  reach.
+- `embed`: `eva-open-clip embed` end to end over generated JPEG shards with decoding workers, against
+  encode-only of the same model, precision and batch size on ready tensors (target: >= 0.9 for g/14);
+  for EVA02-CLIP-L-14 (a smaller model, where decoding is the bottleneck) also images/s per worker.
 - `load`: loading straight to the GPU (`create_model_and_transforms(..., device='cuda')`, each tensor
   created on the GPU from the read-only mapped file) for EVA_CLIP_g_14 from an fp16 file and
   EVA-CLIP-8B from an fp32 file, both to bf16: seconds, peak GPU memory against the model's bytes, peak
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +41,115 @@ from bench_large_load import DTYPES, manifest, write_checkpoint  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / 'tests' / 'data' / 'tiny_a'
 LOAD_CASES = [('EVA_CLIP_g_14', 'fp16', 'bf16'), ('EVA-CLIP-8B', 'fp32', 'bf16')]
+BF16_FLOP = 2  # multiply and add
+
+
+def gemm_section(dry_run: bool) -> dict:
+    """The bf16 GEMM rate (FLOP/s) of the device: the best of a few large square products."""
+    device, n = ('cpu', 512) if dry_run else ('cuda', 8192)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    best = 0.0
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        _sync(device)
+        best = max(best, 10 * BF16_FLOP * n ** 3 / (time.perf_counter() - start))
+    return dict(n=n, flop_per_s=best)
+
+
+def _sync(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def _model(name: str, device: str, config: Path | None):
+    import open_clip
+    import eva_open_clip
+    if config:
+        eva_open_clip.register_eva_model(name, json.loads(config.read_text()))
+    return open_clip.create_model(name, precision='bf16', device=device).eval()
+
+
+def encode_section(name: str, batches: list[int], peak: float, dry_run: bool, config: Path | None) -> list[dict]:
+    """images/s of encode_image in bf16, eager and compiled, and the share of the GEMM peak reached."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = 'cpu' if dry_run else 'cuda'
+    model = _model(name, device, config)
+    size = model.visual.preprocess_cfg['size']
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    runs = []
+    for compiled in (False, True):
+        # the dry run compiles with the 'eager' backend: the code path, without a C++ toolchain's minutes
+        encode = torch.compile(model.encode_image, backend='eager' if dry_run else 'inductor') if compiled \
+            else model.encode_image
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
+            with torch.no_grad():
+                with FlopCounterMode(display=False) as counter:
+                    model.encode_image(x[:1])
+                flops = counter.get_total_flops()
+                for _ in range(3):  # warm-up (and compilation)
+                    encode(x)
+                _sync(device)
+                start, n = time.perf_counter(), 0
+                while n < 5 or time.perf_counter() - start < (0.5 if dry_run else 5):
+                    encode(x)
+                    n += 1
+                _sync(device)
+            rate = n * batch / (time.perf_counter() - start)
+            runs.append(dict(model=name, batch=batch, compiled=compiled, images_per_s=rate,
+                             flop_per_image=flops, peak_fraction=rate * flops / peak))
+    return runs
+
+
+def _encode_only(name: str, checkpoint: Path, batch: int, device: str, config: Path | None) -> float:
+    """images/s of the CLI's own encoder (same model, precision, batch) on ready tensors, in a fresh process."""
+    code = f'''
+import json, sys, time, torch
+from pathlib import Path
+import eva_open_clip
+from eva_open_clip.inference import Encoder, load_model
+if {str(config)!r} != 'None':
+    eva_open_clip.register_eva_model({name!r}, json.loads(Path({str(config)!r}).read_text()))
+model, preprocess, tokenizer = load_model({name!r}, {str(checkpoint)!r}, {device!r}, 'bf16')
+encoder = Encoder(model, preprocess, tokenizer, {device!r}, 'bf16')
+size = model.visual.preprocess_cfg['size']
+size = size[0] if isinstance(size, (tuple, list)) else size
+x = torch.randn({batch}, 3, size, size)
+encoder.encode_pixels(x)
+n, start = 0, time.perf_counter()
+while n < 20 * {batch} or time.perf_counter() - start < 5:
+    encoder.encode_pixels(x)
+    n += {batch}
+print(n / (time.perf_counter() - start))
+'''
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def embed_section(name: str, checkpoint: Path, shards: str, batch: int, workers: int, device: str,
+                  config: Path | None, workdir: Path) -> dict:
+    """`eva-open-clip embed` end to end (rate after the first batch) against encode-only of the same model."""
+    out = workdir / f'embed-{name}'
+    register = ['run', '--register', f'{name}={config}', '-m', 'eva_open_clip'] if config else []
+    cmd = [sys.executable, '-m', 'eva_open_clip', *register, 'embed', shards, '--out', str(out), '--model', name,
+           '--pretrained', str(checkpoint), '--precision', 'bf16', '--device', device, '--batch-size', str(batch),
+           '--workers', str(workers), '--quiet']
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(result.stderr[-2000:])
+    rank = json.loads((out / 'summary.json').read_text())['ranks'][0]
+    shutil.rmtree(out)
+    ceiling = _encode_only(name, checkpoint, batch, device, config)
+    return dict(model=name, batch=batch, workers=workers, images_per_s=rank['images_per_s'],
+                encode_only_images_per_s=ceiling, ratio=rank['images_per_s'] / ceiling,
+                images_per_s_per_worker=rank['images_per_s'] / workers,
+                input_wait_fraction=rank['input_wait_s'] / rank['seconds'])
 
 
 def _tiny(workdir: Path) -> tuple[Path, dict[str, list[int]]]:
@@ -80,8 +198,44 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix='eva-gpu-bench-'))
     workdir.mkdir(parents=True, exist_ok=True)
     device = 'cpu (dry run)' if args.dry_run else torch.cuda.get_device_name()
-    result = dict(device=device, torch=torch.__version__, load=load_section(workdir, args.dry_run))
+    result: dict = dict(device=device, torch=torch.__version__, seconds={})
+
+    def timed(section: str, work):
+        start = time.perf_counter()
+        result[section] = work()
+        result['seconds'][section] = time.perf_counter() - start
+
+    config, tiny_shapes = _tiny(workdir) if args.dry_run else (None, None)
+    timed('gemm', lambda: gemm_section(args.dry_run))
+    peak = result['gemm']['flop_per_s']
+    g14 = 'tiny' if args.dry_run else 'EVA_CLIP_g_14'
+    timed('encode', lambda: encode_section(g14, [2, 4] if args.dry_run else [64, 256], peak, args.dry_run, config))
+    timed('embed', lambda: _embeds(workdir, args.dry_run, config, tiny_shapes))
+    timed('load', lambda: load_section(workdir, args.dry_run))
     print(json.dumps(result))
+
+
+def _embeds(workdir: Path, dry_run: bool, config: Path | None, tiny_shapes: dict | None) -> list[dict]:
+    """The embed figures of g/14 (model-bound) and L-14 (decode-bound), on generated JPEG shards."""
+    from bench_embed import make_shards
+    folder = workdir / 'shards'
+    folder.mkdir(exist_ok=True)
+    workers = min(16, os.cpu_count() or 1)
+    shards = make_shards(folder, 200 if dry_run else 12_000, per_shard=50 if dry_run else 500)
+    device = 'cpu' if dry_run else 'cuda'
+    runs = []
+    for name, batch in ([('tiny', 16)] if dry_run else [('EVA_CLIP_g_14', 256), ('EVA02-CLIP-L-14', 256)]):
+        checkpoint = workdir / f'{name}.pt'
+        if dry_run:
+            write_checkpoint(checkpoint, tiny_shapes, torch.float32)
+        elif name == 'EVA_CLIP_g_14':
+            write_checkpoint(checkpoint, manifest(name), torch.float16)
+        else:  # no manifest: the registered architecture's own (open_clip-layout) weights, random
+            torch.save(_model(name, 'cpu', None).state_dict(), checkpoint)
+        runs.append(embed_section(name, checkpoint, shards, batch, 2 if dry_run else workers, device, config, workdir))
+        checkpoint.unlink()
+    shutil.rmtree(folder)
+    return runs
 
 
 if __name__ == '__main__':
