@@ -115,6 +115,8 @@ def _alive(pid: int) -> bool:
 def _exit_with(main_pid: int, worker_id: int) -> None:
     """DataLoader `worker_init_fn`: end this worker within a second of the main process's death.
 
+    Also silences the broken connections of the worker's helper threads when the main process stops.
+
     torch's own watchdog checks the worker's parent, which for a fork-server worker is the fork server,
     and the fork server lives as long as any of its workers (each holds its liveness pipe): after a
     SIGKILL of the main process, both would live on for ever, holding the job's output pipes open.
@@ -125,6 +127,11 @@ def _exit_with(main_pid: int, worker_id: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name='main-process-watch', daemon=True).start()
+    # a batch's memory is handed over by a helper thread (multiprocessing's resource sharer, which reports
+    # its errors through sys.excepthook); when the main process stops (interrupted), its connections
+    # break: expected, and no traceback in the job's log
+    report = sys.excepthook
+    sys.excepthook = lambda kind, error, trace: None if issubclass(kind, OSError) else report(kind, error, trace)
 
 
 SHM = '/dev/shm'

@@ -96,7 +96,7 @@ def test_embed_folder_keeps_rows_and_paths_aligned(tmp_path, b16_checkpoint, b16
     assert features.dtype == np.float32 and features.shape == (4, 512)
     assert np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)
     assert np.allclose(features, _features(b16, paths).numpy(), atol=1e-5)
-    assert sorted(p.name for p in out.parent.iterdir()) == ['features.npy', 'features.paths.txt']
+    assert sorted(p.name for p in out.parent.iterdir()) == ['.features.npy.lock', 'features.npy', 'features.paths.txt']
 
 
 def test_embed_text_file(tmp_path, b16_checkpoint, b16):
