@@ -165,10 +165,13 @@ class _CountedStream:
     def __init__(self, raw: BinaryIO):
         # read1: what can be had now, so that a gzip stream cut short gives its bytes before the cut
         self.read_some, self.total, self.tail = getattr(raw, 'read1', raw.read), 0, b''
+        self.all_zero = True  # so far: an empty archive is nothing but zero blocks
 
     def read(self, size: int = -1) -> bytes:
         data = self.read_some(size)
         self.total += len(data)
+        if self.all_zero and data.count(0) != len(data):
+            self.all_zero = False
         self.tail = (self.tail + data)[-1024:]
         return data
 
@@ -225,13 +228,15 @@ def _members_of(shard: str, raw: BinaryIO) -> Iterator[tuple[str, str, bytes] | 
     try:
         archive = tarfile.open(fileobj=stream, mode='r|')
     except _READ_ERRORS as e:
-        yield Skip(None, 'damaged_tar', f'not a readable tar ({type(e).__name__})')
+        if not _empty_archive(stream):  # Python < 3.11 refuses an archive of end blocks only
+            yield Skip(None, 'damaged_tar', f'not a readable tar ({type(e).__name__})')
         return
     while True:
         try:
             info = archive.next()
         except _READ_ERRORS as e:
-            yield Skip(None, 'damaged_tar', f'unreadable after member {last} ({type(e).__name__})')
+            if last is not None or not _empty_archive(stream):
+                yield Skip(None, 'damaged_tar', f'unreadable after member {last} ({type(e).__name__})')
             return
         if info is None:
             break
@@ -252,6 +257,14 @@ def _members_of(shard: str, raw: BinaryIO) -> Iterator[tuple[str, str, bytes] | 
         whole = False
     if not whole:
         yield _cut_short(stream, archive.offset, last)
+
+
+def _empty_archive(stream: _CountedStream) -> bool:
+    """Whether the whole stream is a tar archive with no member: whole zero blocks, at least two."""
+    try:
+        return stream.ends_as_a_tar() and stream.all_zero
+    except _READ_ERRORS:
+        return False
 
 
 def _cut_short(stream: _CountedStream, offset: int, last: str | None) -> Skip:
