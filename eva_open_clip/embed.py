@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .durable import OutputLock
+from .durable import OutputLock, write_text
 from .errors import ToolError, UsageError
-from .durable import write_text
 from .folder import FolderSettings, FolderWriter, done_units, finish_folder, prepare, rank_record
 from .inference import Encoder
 from .loader import DecodedBatches, UnitDataset, shm_prefetch
