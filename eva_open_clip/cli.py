@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .data import CAPTION_KEY, IMAGE_KEYS
+from .data import CAPTION_KEY, IMAGE_KEYS, PixelLimits
 from .errors import ToolError, UsageError
 from .runner import USAGE as RUN_USAGE, run_target
 
@@ -53,7 +53,7 @@ def _embed(args: argparse.Namespace) -> int:
     if not args.inputs and not args.text_file and not args.files_from:
         raise UsageError('give images, folders, tar shards, --files-from LIST or --text-file FILE')
     _stop_on_signals()
-    for name in ('batch_size', 'part_size'):
+    for name in ('batch_size', 'part_size', 'max_image_pixels', 'max_resized_pixels'):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers is not None and args.workers < 0:
@@ -66,15 +66,21 @@ def _embed(args: argparse.Namespace) -> int:
         raise UsageError('--captions writes the folder layout: give --out DIR')
     rows, skipped = embed_to_npy(_encoder(args), args.inputs, args.out, batch_size=args.batch_size,
                                  text_file=args.text_file, files_from=args.files_from, workers=_workers(args),
-                                 image_keys=args.image_key.split(','))
+                                 image_keys=args.image_key.split(','), limits=_limits(args))
     _warn_skipped(skipped)
     print(f'wrote {rows} rows to {args.out} and {paths_file(Path(args.out))}', file=sys.stderr)
     return 0
 
 
+def _limits(args: argparse.Namespace):
+    from .data import PixelLimits
+    return PixelLimits(args.max_image_pixels, args.max_resized_pixels)
+
+
 def _warn_skipped(skipped: list) -> None:
     if skipped:
-        shown = ', '.join(f'{s.key or "?"} ({s.reason})' for s in skipped[:20])
+        from .names import name_text
+        shown = ', '.join(f'{"?" if s.key is None else name_text(s.key)} ({s.reason})' for s in skipped[:20])
         more = f' and {len(skipped) - 20} more' if len(skipped) > 20 else ''
         print(f'warning: skipped {len(skipped)} sample(s): {shown}{more}', file=sys.stderr)
 
@@ -140,12 +146,13 @@ def _embed_folder(args: argparse.Namespace) -> int:
         settings = FolderSettings(
             model=args.model, pretrained=args.pretrained or default_pretrained(args.model) or '',
             precision=args.precision, part_size=args.part_size, batch_size=args.batch_size, captions=args.captions,
-            image_keys=args.image_key.split(','), caption_key=args.caption_key)
+            image_keys=args.image_key.split(','), caption_key=args.caption_key,
+            max_image_pixels=args.max_image_pixels, max_resized_pixels=args.max_resized_pixels)
         summary = embed_folder(lambda: _encoder(args, device), settings, args.inputs, args.files_from, out,
                                _workers(args), ranks, progress_interval=args.progress_interval, quiet=args.quiet)
     except Interrupted as e:
         if ranks.rank == 0:
-            units = read_units(out) if (out / 'units.jsonl').exists() else []
+            units = read_units(out) or []
             print(f'eva-open-clip embed: interrupted after {len(done_units(out)) if units else 0} of {len(units)} '
                   f'units; run the same command to resume', file=sys.stderr)
         return 128 + e.signum
@@ -248,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help='webdataset image keys, comma-separated, first found wins (default: %(default)s)')
     embed.add_argument('--caption-key', default=CAPTION_KEY, help='webdataset caption key (default: %(default)s)')
     embed.add_argument('--text-file', default=None, help='embed the lines of this file instead of images')
+    limits = PixelLimits()
+    embed.add_argument('--max-image-pixels', type=int, default=limits.decoded,
+                       help='skip (reason image_too_large) an image of more pixels, found from its header before '
+                            "decoding (default: %(default)s, PIL's decompression-bomb guard)")
+    embed.add_argument('--max-resized-pixels', type=int, default=limits.resized,
+                       help='skip (reason image_too_large) an image whose short side resized to the model\'s '
+                            'image size gives more pixels (default: %(default)s: aspect ratios up to about 330:1 '
+                            'at 224 px)')
     embed.add_argument('--progress-interval', type=float, default=None,
                        help='seconds between progress lines when standard error is not a terminal (default: 30)')
     embed.add_argument('--quiet', action='store_true', help='no progress output (errors and the final line remain)')

@@ -1,8 +1,10 @@
 """Reading what `embed` embeds: image files, folders, file lists and webdataset tar shards.
 
-`input_sources` lists the inputs in the order given (folders walked in path order, `--files-from`
-read line by line), each with the identity that shows a later change: size and modification time of
-a tar shard, size of an image file. A missing input is an `InputError` here, before any work.
+`input_sources` lists the inputs in the order given (folders walked in path order for image files and
+shards, `--files-from` read line by line), each with its resolved path and the identity that shows a
+later change: size and modification time of a tar shard, size of an image file. A missing input, or a
+problem inside an input folder, is an `InputError` naming it, before any work. `unique_sources` keeps
+each file (by resolved path) or URL once.
 
 `unit_samples` reads the samples of one unit of work (see `units.py`). A sample that cannot be used
 (no image, bad json, ...; see `Skip`) is reported with its key and a reason code, never raised. A tar
@@ -20,15 +22,18 @@ import json
 import os
 import re
 import tarfile
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
+import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from . import metadata
 from .errors import UsageError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
@@ -37,6 +42,8 @@ IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
 CAPTION_KEY = 'txt'
 _PATTERN_CHARS = set('{*?[')
 UNREADABLE = 'unreadable_shard'
+MAX_MEMBER_BYTES = 1 << 30  # a larger member is not read: its sample is a `member_too_large` skip
+TOO_LARGE = object()  # stands for the data of such a member
 _WDS_META = re.compile(r'__[^/]*__($|/)')  # webdataset's members that belong to no sample
 
 
@@ -46,13 +53,15 @@ class InputError(UsageError):
 
 @dataclass(frozen=True)
 class Source:
-    """An input and what shows that it changed: a file's size, and a local shard's modification time.
+    """An input, as the user named it (`path`), the file it is (`real`, its resolved path), and what shows
+    that it changed: a file's size, and a local shard's modification time.
 
     A remote shard (a webdataset URL such as `https://host/0001.tar` or `pipe:aws s3 cp s3://b/0001.tar -`)
-    is known by its URL alone.
+    is known by its URL alone, exactly as given: two spellings of one URL are two sources.
     """
 
     path: str
+    real: str
     size: int | None = None
     mtime_ns: int | None = None
 
@@ -60,12 +69,12 @@ class Source:
     def is_shard(self) -> bool:
         return is_shard(self.path)
 
-    def identity(self) -> list:
-        return [self.path] + [v for v in (self.size, self.mtime_ns) if v is not None]
+    def identity(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @staticmethod
-    def from_identity(identity: list) -> 'Source':
-        return Source(*identity)
+    def from_identity(identity: dict) -> 'Source':
+        return Source(**identity)
 
 
 def is_url(path: str) -> bool:
@@ -74,25 +83,45 @@ def is_url(path: str) -> bool:
 
 
 def is_shard(path: str) -> bool:
-    return is_url(path) or path.endswith(SHARD_SUFFIXES)
+    return is_url(path) or path.lower().endswith(SHARD_SUFFIXES)
 
 
-def _source(path: str, stat: os.stat_result) -> Source:
-    return Source(path, stat.st_size, stat.st_mtime_ns if is_shard(path) else None)
+def _source(path: str, stat: os.stat_result, real: str | None = None) -> Source:
+    return Source(path, real or os.path.realpath(path), stat.st_size, stat.st_mtime_ns if is_shard(path) else None)
 
 
-def _walk(folder: str) -> Iterator[Source]:
-    """Image files under `folder`, in the order of their full path strings."""
+def _input_problem(path: str, error: OSError, named_by: str) -> InputError:
+    what = 'no such file' if isinstance(error, FileNotFoundError) else error.strerror or str(error)
+    return InputError(f'{path}: {what}{named_by}')
+
+
+def _walk(folder: str, named_by: str, ancestors: frozenset[str] = frozenset()) -> Iterator[Source]:
+    """Image files and shards under `folder`, in the order of their full path strings.
+
+    A folder reached again inside itself (a symbolic link to an ancestor) is not walked again.
+    """
+    real = os.path.realpath(folder)
+    if real in ancestors:
+        return
     entries = []
-    with os.scandir(folder) as it:
-        for entry in it:
-            is_dir = entry.is_dir()
-            entries.append((entry.name + ('/' if is_dir else ''), entry, is_dir))
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a link loop: a file as far as the walk goes, named if it is an image's
+                    is_dir = False
+                entries.append((entry.name + ('/' if is_dir else ''), entry, is_dir))
+    except OSError as e:
+        raise _input_problem(folder, e, named_by) from None
     for _, entry, is_dir in sorted(entries, key=lambda e: e[0]):
         if is_dir:
-            yield from _walk(entry.path)
-        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-            yield _source(entry.path, entry.stat())
+            yield from _walk(entry.path, named_by, ancestors | {real})
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES or is_shard(entry.name):
+            try:  # the resolved path without a system call per file, unless the entry is a link
+                yield _source(entry.path, entry.stat(), None if entry.is_symlink() else os.path.join(real, entry.name))
+            except OSError as e:  # a dangling link, a link loop
+                raise _input_problem(entry.path, e, named_by) from None
 
 
 def expand_pattern(pattern: str) -> list[str]:
@@ -106,36 +135,88 @@ def expand_pattern(pattern: str) -> list[str]:
 def _stat(path: str, named_by: str) -> Source:
     try:
         return _source(path, os.stat(path))
-    except FileNotFoundError:
-        raise InputError(f'{path}: no such file{named_by}') from None
     except OSError as e:
-        raise InputError(f'{path}: {e.strerror}{named_by}') from None
+        raise _input_problem(path, e, named_by) from None
+
+
+def _folder(path: str) -> Iterator[Source]:
+    found = False
+    for source in _walk(path, f' (in the input folder {path})'):
+        found = True
+        yield source
+    if not found:
+        raise InputError(f'{path}: the folder holds no image file ({", ".join(sorted(IMAGE_SUFFIXES))}) '
+                         f'and no shard ({", ".join(SHARD_SUFFIXES)})')
+
+
+def _listed(files_from: str) -> Iterator[Source]:
+    """The files of a --files-from list: one path per line, in any bytes (a final \\r is dropped)."""
+    try:
+        with open(files_from, 'rb') as f:
+            lines = f.read().split(b'\n')
+    except OSError as e:
+        raise InputError(f'--files-from {files_from}: {e.strerror or e}') from None
+    for number, line in enumerate(lines, 1):
+        path = os.fsdecode(line[:-1] if line.endswith(b'\r') else line)
+        if path.strip():
+            yield _stat(path, f' (line {number} of --files-from {files_from})')
 
 
 def input_sources(inputs: Sequence[str], files_from: str | None) -> Iterator[Source]:
-    """Every input file (tar shards and image files), in the order given; raises InputError for a missing one."""
+    """Every input file (tar shards and image files), in the order given; raises InputError for a missing one.
+
+    Folders are walked for image files and shards; a problem inside one (an unreadable subfolder, a
+    dangling link) is an InputError naming the path and the input folder. A source may come more than
+    once (see `unique_sources`).
+    """
     for arg in inputs:
         if is_url(arg):
-            yield from (Source(url) for url in braceexpand(arg))
+            yield from (Source(url, url) for url in braceexpand(arg))
         elif os.path.isdir(arg):
-            yield from _walk(arg)
+            yield from _folder(arg)
         elif os.path.isfile(arg):
             yield _stat(arg, '')
         elif set(arg) & _PATTERN_CHARS:
             matches = expand_pattern(arg)
             if not matches:
                 raise InputError(f'{arg}: matches no file')
-            yield from (_stat(m, f' (from {arg})') for m in matches)
+            for match in matches:
+                yield from _folder(match) if os.path.isdir(match) else [_stat(match, f' (from {arg})')]
+        elif os.path.lexists(arg):
+            yield _stat(arg, '')  # a dangling link or a link loop: its own error
         else:
             raise InputError(f'{arg}: no such file or folder')
     if files_from:
-        try:
-            with open(files_from, encoding='utf-8') as lines:
-                for number, line in enumerate(lines, 1):
-                    if line.strip():
-                        yield _stat(line.rstrip('\n'), f' (line {number} of --files-from {files_from})')
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f'--files-from {files_from}: {getattr(e, "strerror", None) or e}') from None
+        yield from _listed(files_from)
+
+
+@dataclass
+class Duplicates:
+    """Sources reached more than once (by their resolved path, or the same URL), each embedded once."""
+
+    count: int = 0
+    example: tuple[str, str] | None = None  # (the first spelling, a later one)
+
+    def note(self) -> str | None:
+        if not self.count:
+            return None
+        first, again = self.example
+        return (f'note: {self.count} input file(s) reached more than once are embedded once (e.g. {again} is '
+                f'{first})')
+
+
+def unique_sources(sources: Iterable[Source]) -> tuple[list[Source], Duplicates]:
+    """The sources in order, each file or URL once (its first spelling kept), and what was dropped."""
+    seen: dict[str, str] = {}
+    kept, duplicates = [], Duplicates()
+    for source in sources:
+        if source.real in seen:
+            duplicates.count += 1
+            duplicates.example = duplicates.example or (seen[source.real], source.path)
+            continue
+        seen[source.real] = source.path
+        kept.append(source)
+    return kept, duplicates
 
 
 @dataclass
@@ -150,8 +231,9 @@ class Sample:
 class Skip:
     """A sample that gives no row: its key (None when unknown), a reason code and a detail for people.
 
-    Codes: `no_image`, `bad_json`, `no_caption`, `caption_not_text`, `undecodable_image`, `damaged_tar`,
-    and UNREADABLE (`unreadable_shard`: the shard itself could not be read; its unit is not marked done).
+    Codes: `no_image`, `bad_json`, `no_caption`, `caption_not_text`, `undecodable_image`, `image_too_large`
+    (see `PixelLimits`), `unsupported_pixels`, `member_too_large`, `damaged_tar`, and UNREADABLE
+    (`unreadable_shard`: the shard itself could not be read; its unit is not marked done).
     """
 
     key: str | None
@@ -217,6 +299,8 @@ def _tar_members(shard: str) -> Iterator[tuple[str, str, bytes] | Skip]:
                 yield item
     except OSError as e:
         damage = Skip(damage.key if damage else None, UNREADABLE, f'could not be read ({str(e)[:300]})')
+    except Exception as e:  # whatever else a damaged archive makes tarfile raise: damage, not a stop
+        damage = Skip(None, 'damaged_tar', f'unreadable ({type(e).__name__}: {str(e)[:200]})')
     if damage is not None:
         yield damage
 
@@ -242,6 +326,11 @@ def _members_of(shard: str, raw: BinaryIO) -> Iterator[tuple[str, str, bytes] | 
             break
         key, extension = base_plus_ext(info.name)
         if not info.isreg() or key is None or _WDS_META.match(info.name):
+            continue
+        if info.size > MAX_MEMBER_BYTES:  # not read: the stream skips over it
+            archive.members = []
+            last = info.name
+            yield key, extension.lower(), TOO_LARGE
             continue
         try:
             data = archive.extractfile(info).read()
@@ -312,14 +401,18 @@ def _sample(raw: dict[str, Any], image_keys: Sequence[str], caption_key: str | N
     image = next((raw[k] for k in image_keys if k in raw), None)
     if image is None:
         return Skip(key, 'no_image', 'no ' + '/'.join(image_keys) + ' member')
+    too_large = next((ext for ext, data in raw.items() if data is TOO_LARGE), None)
+    if too_large is not None:
+        return Skip(key, 'member_too_large', f'its {too_large} member is over {MAX_MEMBER_BYTES >> 20} MB')
     meta = None
     if 'json' in raw:
         try:
             meta = json.loads(raw['json'])
-        except ValueError as e:
-            return Skip(key, 'bad_json', str(e)[:80])
-        if not isinstance(meta, dict):
-            return Skip(key, 'bad_json', 'not a JSON object')
+            if not isinstance(meta, dict):
+                return Skip(key, 'bad_json', 'not a JSON object')
+            meta = metadata.sample_fields(meta)
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep for the parser
+            return Skip(key, 'bad_json', str(e)[:80] or type(e).__name__)
     return Sample(key, image, raw.get(caption_key) if caption_key else None, meta)
 
 
@@ -332,11 +425,71 @@ def unit_samples(shard: str | None, files: Sequence[str], image_keys: Sequence[s
         yield from _tar_samples(shard, image_keys, caption_key)
 
 
-def open_image(source: Any) -> Image.Image:
-    """The decoded image of a path or of an image file's bytes (raises on failure)."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        image.load()
+@dataclass(frozen=True)
+class PixelLimits:
+    """The most pixels an image may have decoded (`decoded`), and once its short side is resized to `side`
+    (`resized`, as the model's transform does); a larger image is an `image_too_large` skip, found from
+    its header before its pixels are decoded. The default for `decoded` is PIL's own guard against
+    decompression bombs (which only warns below twice that); `resized` allows an aspect ratio of about
+    330:1 at 224 px (a 1x10000 strip would resize to 224x2240000).
+    """
+
+    decoded: int = 89_478_485
+    resized: int = 4096 * 4096
+    side: int = 224
+
+    def check(self, width: int, height: int) -> None:
+        if width * height > self.decoded:
+            raise ImageRefused('image_too_large', f'{width}x{height} pixels, over --max-image-pixels {self.decoded}')
+        short, long = sorted((width, height))
+        if short and self.side * round(self.side * long / short) > self.resized:
+            raise ImageRefused('image_too_large', f'{width}x{height} resizes to {self.side}x'
+                                                  f'{round(self.side * long / short)}, over --max-resized-pixels {self.resized}')
+
+
+class ImageRefused(ValueError):
+    """An image that is not decoded, with a skip reason code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+_16_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """The image with 8-bit channels: 16-bit greyscale reduced by its high byte (v >> 8), as PIL itself
+    reduces 16-bit RGB; `convert('RGB')`, the model's transform's first step, would clip it to white."""
+    if image.mode not in _16_BIT + ('I', 'F'):
         return image.copy()
+    if image.mode == 'F':
+        raise ImageRefused('unsupported_pixels', 'floating-point pixels (PIL mode F)')
+    values = np.asarray(image)
+    if image.mode == 'I' and (values.min() < 0 or values.max() > 65535):
+        raise ImageRefused('unsupported_pixels', '32-bit integer pixels beyond 16 bits (PIL mode I)')
+    return Image.fromarray((values >> 8).astype(np.uint8))
+
+
+def open_image(source: Any, limits: PixelLimits | None = None) -> Image.Image:
+    """The decoded image of a path or of an image file's bytes, with 8-bit channels (raises on failure).
+
+    With `limits`, an image over them raises `ImageRefused` before its pixels are decoded (and PIL's
+    own decompression-bomb guard, which they replace, is off).
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        if limits is not None:
+            Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                if limits is not None:
+                    limits.check(*image.size)
+                image.load()
+                return _eight_bit(image)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def caption_text(caption: Any) -> str | Skip:

@@ -4,7 +4,10 @@
 with a unique name beside the target (`.NAME.XXXX.tmp`, so two writers never share one), which is
 flushed to disk (fsync), renamed over the target, and the folder's entry is made durable too (fsync of
 the folder). A reader therefore sees the old file or the complete new one, and a record written after
-it (such as a unit's record in an output folder) never outlives its content in a crash.
+it (such as a unit's record in an output folder) never outlives its content in a crash. The file gets
+the mode that the umask gives a newly created file (as `open()` does), not the temporary file's 0600.
+A write that fails because the disk is full says so, whichever layer noticed (an errno, or a short
+write reported without one, as numpy and pyarrow do).
 
 `OutputLock` makes one job at a time the writer of an output.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -27,9 +31,46 @@ class WriteError(ToolError):
     """A file could not be written (disk full, permission denied, ...), said in one line."""
 
 
-def write_error(path: Path, error: OSError) -> WriteError:
-    hint = ': free some space and run the same command to resume' if error.errno in (errno.ENOSPC, errno.EDQUOT) else ''
-    return WriteError(f'cannot write {path}: {error.strerror or error}{hint}')
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(folder: Path) -> bool:
+    """Whether the file system holding `folder` has (next to) no room left for this user."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < 1 << 20
+
+
+def write_error(path: Path, error: OSError, full: bool | None = None) -> WriteError:
+    """One line for a failed write; `full`: whether the disk was found full (checked here when not given)."""
+    path = Path(path)
+    if full is None:
+        full = error.errno in _FULL or (error.errno is None and _disk_full(path.parent))
+    if full:
+        return WriteError(f'cannot write {path}: the disk is full ({error.strerror or error}): free some space '
+                          f'and run the same command to resume')
+    return WriteError(f'cannot write {path}: {error.strerror or error}')
+
+
+def umask() -> int:
+    """The process's umask (read without changing it where /proc tells it)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
 
 
 def fsync_dir(folder: Path) -> None:
@@ -44,16 +85,18 @@ def stage(path: Path, write: Callable[[Path], None]) -> Path:
     """A temporary file beside `path` holding what `write(temporary path)` wrote, flushed to disk."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
     tmp = Path(name)
     try:
+        os.fchmod(fd, new_file_mode())
+        os.close(fd)
         write(tmp)
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
     except BaseException as e:
+        full = isinstance(e, OSError) and (e.errno in _FULL or e.errno is None and _disk_full(path.parent))
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise write_error(path, e) from None
+            raise write_error(path, e, full) from None
         raise
     return tmp
 
@@ -79,10 +122,22 @@ def write_text(path: Path, text: str) -> int:
     return write_atomic(path, lambda p: p.write_text(text, encoding='utf-8'))
 
 
-def remove_temporary_files(folder: Path) -> None:
-    """Delete the temporary files that writers which died left in `folder` (call while holding its lock)."""
-    for leftover in folder.glob(f'.*{TEMP_SUFFIX}'):
-        leftover.unlink(missing_ok=True)
+_TEMPORARY = re.compile(r'\.(?P<name>.+)\.[a-z0-9_]{8}' + re.escape(TEMP_SUFFIX))
+
+
+def temporary_target(name: str) -> str | None:
+    """The file a temporary file of `stage` was to become (`.NAME.XXXXXXXX.tmp` -> NAME), else None."""
+    match = _TEMPORARY.fullmatch(name)
+    return match.group('name') if match else None
+
+
+def remove_temporary_files(folder: Path, targets: re.Pattern) -> None:
+    """Delete the temporary files that writers which died left in `folder` for files whose names match
+    `targets` (call while holding its lock); nothing else is touched."""
+    for leftover in folder.iterdir():
+        target = temporary_target(leftover.name)
+        if target is not None and targets.fullmatch(target):
+            leftover.unlink(missing_ok=True)
 
 
 class OutputLock:
@@ -102,7 +157,7 @@ class OutputLock:
 
     def acquire(self) -> 'OutputLock':
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise write_error(self.path, e) from None
         try:

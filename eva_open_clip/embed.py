@@ -10,14 +10,16 @@ is resumed by running the same command again.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .data import PixelLimits
 from .durable import OutputLock, write_text
 from .errors import ToolError, UsageError
-from .folder import FolderSettings, FolderWriter, done_units, finish_folder, prepare, rank_record
+from .folder import FolderSettings, FolderWriter, check_folder, done_units, finish_folder, prepare, rank_record
 from .inference import Encoder
 from .loader import DecodedBatches, UnitDataset, shm_prefetch
 from .progress import JobProgress
@@ -60,18 +62,23 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         failure = None
         if ranks.rank == 0:
             try:
+                check_folder(out)  # before the lock file is made: a folder of the user's is left as it is
                 out.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
-                if not prepare(out, settings, inputs, files_from):
+                plan = prepare(out, settings, inputs, files_from)
+                for note in plan.notes + [plan.duplicates.note()]:
+                    if note:
+                        print(note, file=sys.stderr)
+                if not plan.units:
                     raise UsageError('nothing to embed: the inputs hold no image file or shard')
             except ToolError as e:
                 failure = e
-            except OSError as e:
-                failure = ToolError(f'{out}: {e.strerror or e}')
+            except OSError as e:  # the inputs' problems are InputErrors: this is about the folder
+                failure = ToolError(f'{e.filename or out}: {e.strerror or e}')
         failure = ranks.share(failure)
         if failure is not None:
             raise failure
-        units = read_units(out)
+        units = read_units(out) or []
         done = done_units(out)
         mine = [u for u in units if u.index % ranks.world_size == ranks.rank and u.index not in done]
         progress = JobProgress(out / 'shards', len(units), progress_interval, enabled=ranks.rank == 0 and not quiet)
@@ -113,7 +120,8 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     writer = FolderWriter(out, settings, units)
     dataset = UnitDataset(units, encoder.preprocess, settings.batch_size, image_keys=settings.image_keys,
                           caption_key=settings.caption_key if settings.captions else None,
-                          tokenizer=encoder.tokenizer if settings.captions else None)
+                          tokenizer=encoder.tokenizer if settings.captions else None,
+                          limits=PixelLimits(settings.max_image_pixels, settings.max_resized_pixels))
     first = None  # when the first batch was done: the rate excludes loading and start-up
     first_rows = 0
     batches = DecodedBatches(dataset, workers, encoder.device_type,

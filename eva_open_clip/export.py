@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, read_state_dict
-from .durable import fsync_dir, write_atomic, write_text
+from .durable import fsync_dir, umask, write_atomic, write_text
 from .empty_build import meta_model
 from .layout import convert_state_dict
 from .registry import get_eva_model, list_eva_models
@@ -80,6 +80,7 @@ def export_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, mod
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    os.chmod(staging, 0o777 & ~umask())  # the folder's mode as mkdir gives it, not mkdtemp's 0700
     try:
         write_text(staging / CONFIG_NAME, json.dumps(config, indent=2) + '\n')
         write_atomic(staging / WEIGHTS_NAME, lambda p, w=weights: save_file(w, str(p), metadata={'format': 'pt'}))

@@ -2,24 +2,35 @@
 
 Layout (the one clip-retrieval writes, so its tools and autofaiss read it): `img_emb/img_emb_N.npy`,
 with --captions `text_emb/text_emb_N.npy`, and `metadata/metadata_N.parquet`, aligned row for row.
-N = unit * 1000 + k (zero-padded, so name order is input order): part k of unit `unit`.
+N is part k of unit `unit`: `part_name(unit, k)`, nine digits for the first 999999 units and 999
+parts of a unit (UNIT000, UNIT001, ...), longer past that, so that name order is always input order
+and a unit may have any number of parts.
 
-- `embed.json`: the settings that determine the rows; another model, part size, ... is refused.
+- `shards/UNIT.json`: written last for a unit, after every file of its parts is on disk: its sources
+  (with their identity), the settings it was made with, its rows, its skipped samples, and each part
+  with its row count, the size of each of its files and the kinds of its metadata fields. A unit is
+  done when this record is sound and every part it names is intact. The done records are the truth
+  of the folder: the other files can be rebuilt from them.
+- `embed.json`: the settings that determine the rows. The first finished unit fixes them: while no
+  unit is done, a run with other settings takes the folder over; after that another model, part
+  size, ... is refused. A damaged or missing `embed.json` is rebuilt from the done records.
 - `units.jsonl`: the job's units and their sources (see `units.py`).
-- `shards/UNIT.json`: written last for a unit, after every file of its parts is on disk: its rows,
-  its skipped samples, and each part with its row count, the size of each of its files and the kinds
-  of its metadata fields. A unit is done when this record exists and every part it names is intact.
 - `ranks/RANK.json`: each rank's counts of the running job, gathered into the summary and removed.
 - `summary.json`: totals, written at the end.
 
-Every file is written with `durable.write_atomic`. `prepare` runs under the folder's lock before any
-work: it checks the settings, lists the units, and keeps only what is sound: a done unit whose part
-is missing, of another size or another row count is redone, and every file that no done unit names
-(a killed attempt's parts, temporary files of writers that died) is removed.
+Every file is written with `durable.write_atomic`. `check_folder` refuses, before anything is written,
+a folder that is neither new, empty nor an output folder of this tool. `prepare` runs under the
+folder's lock before any work: it checks the settings, lists the units, and keeps only what is sound:
+a done unit whose part is missing, of another size or another row count is redone, and the files of
+this tool that no done unit names (a killed attempt's parts, temporary files of writers that died)
+are removed. Only files with this tool's names are ever removed; anything else in the folder is
+left as it is.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,20 +38,24 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import metadata
-from .data import UNREADABLE, Skip
-from .durable import remove_temporary_files, write_atomic, write_text
+from .data import UNREADABLE, Duplicates, Skip
+from .durable import remove_temporary_files, temporary_target, write_atomic, write_text
 from .errors import UsageError
 from .loader import Batch
-from .units import Unit, plan_units
+from .names import name_text
+from .units import Unit, plan_units, read_units
 
-PARTS_PER_UNIT = 1000
-FORMAT_VERSION = 2
-SUBFOLDERS = ('img_emb', 'text_emb', 'metadata', 'shards')
+FORMAT_VERSION = 3
+SETTINGS_FILE = 'embed.json'
+PART_FOLDERS = {'img_emb': re.compile(r'img_emb_\d+\.npy'), 'text_emb': re.compile(r'text_emb_\d+\.npy'),
+                'metadata': re.compile(r'metadata_\d+\.parquet')}
+RECORD_NAME = re.compile(r'\d+\.json')
+TOP_FILES = re.compile(r'embed\.json|units\.jsonl|summary\.json')  # this tool's files at the top of DIR
 
 
 @dataclass
 class FolderSettings:
-    """What determines the rows of an output folder (recorded in DIR/embed.json)."""
+    """What determines the rows of an output folder (recorded in DIR/embed.json and in every done record)."""
 
     model: str
     pretrained: str
@@ -50,7 +65,27 @@ class FolderSettings:
     captions: bool
     image_keys: list[str]
     caption_key: str
+    max_image_pixels: int
+    max_resized_pixels: int
     format: int = FORMAT_VERSION
+
+    def as_json(self) -> dict:
+        return json.loads(json.dumps(self.__dict__))
+
+
+def sortable_number(n: int, width: int) -> str:
+    """`n` zero-padded to `width` digits below 10**width - 1; past that, width nines, the count of the
+    remaining digits less one, and those digits: digit strings whose name order is numeric order."""
+    top = 10 ** width - 1
+    if n < top:
+        return f'{n:0{width}d}'
+    rest = str(n - top)
+    return '9' * width + str(len(rest) - 1) + rest
+
+
+def part_name(unit: int, k: int) -> str:
+    """N of part k of a unit: `UNIT*1000 + k` in nine digits while unit < 999999 and k < 999."""
+    return sortable_number(unit, 6) + sortable_number(k, 3)
 
 
 def rank_record(out: Path, rank: int) -> Path:
@@ -59,12 +94,33 @@ def rank_record(out: Path, rank: int) -> Path:
 
 
 def _record_path(out: Path, unit: int) -> Path:
-    return out / 'shards' / f'{unit:06d}.json'
+    return out / 'shards' / f'{sortable_number(unit, 6)}.json'
+
+
+_RECORD_KEYS = {'unit', 'sources', 'settings', 'rows', 'parts', 'skipped'}
+
+
+def _read_record(path: Path) -> dict | None:
+    """A unit's record, or None when it is not a sound record of this tool (of this format)."""
+    try:
+        record = json.loads(path.read_text(encoding='utf-8'))
+        if not (isinstance(record, dict) and _RECORD_KEYS <= record.keys() and path == _record_path(
+                path.parent.parent, record['unit']) and record['settings'].get('format') == FORMAT_VERSION):
+            return None
+        Unit.from_record(record)
+        return record
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _record_paths(out: Path) -> list[Path]:
+    folder = out / 'shards'
+    return sorted(p for p in folder.iterdir() if RECORD_NAME.fullmatch(p.name)) if folder.is_dir() else []
 
 
 def read_records(out: Path) -> list[dict]:
-    """The records of the done units, in unit order."""
-    return [json.loads(p.read_text()) for p in sorted((out / 'shards').glob('[0-9]*.json'))]
+    """The sound records of the done units, in unit order."""
+    return [r for r in map(_read_record, _record_paths(out)) if r is not None]
 
 
 def _rows_in(path: Path) -> int:
@@ -83,48 +139,101 @@ def _intact(out: Path, record: dict) -> bool:
         return False
 
 
-def _check_settings(out: Path, settings: FolderSettings) -> None:
-    recorded = out / 'embed.json'
-    wanted = json.loads(json.dumps(settings.__dict__))
-    if recorded.exists():
-        found = json.loads(recorded.read_text())
-        differ = [k for k in wanted if found.get(k) != wanted[k]]
+def _read_settings(out: Path) -> dict | None:
+    try:
+        found = json.loads((out / SETTINGS_FILE).read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and 'format' in found and 'model' in found else None
+
+
+def _only_leftovers(out: Path) -> bool:
+    """Whether DIR holds nothing but what a run leaves before its first write: its lock, temporary files."""
+    return all(p.name == '.lock' or (temporary_target(p.name) or '') == SETTINGS_FILE for p in out.iterdir())
+
+
+def check_folder(out: Path) -> None:
+    """Refuse, changing nothing, a folder that is not new, empty (but for a lock) or this tool's output folder."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f'{out}: not a folder (a file of that name exists); give a new or empty folder')
+    if _only_leftovers(out):
+        return
+    found = _read_settings(out)
+    if found is not None and found.get('format') != FORMAT_VERSION:
+        raise UsageError(f'{out} was written by another version of eva_open_clip (folder format '
+                         f'{found.get("format")}, this version writes {FORMAT_VERSION}): embed into a new --out folder')
+    if found is not None or read_records(out):
+        return
+    if (out / SETTINGS_FILE).exists() and read_units(out):
+        return  # a damaged embed.json of a folder with no unit done yet
+    what = f'its {SETTINGS_FILE} is not one this tool wrote' if (out / SETTINGS_FILE).exists() else f'no {SETTINGS_FILE}'
+    raise UsageError(f'{out} is not empty and is not an output folder of eva-open-clip embed ({what}); '
+                     f'give a new or empty folder (nothing in {out} was changed)')
+
+
+def _settled(out: Path, settings: FolderSettings, records: list[dict], notes: list[str]) -> list[dict]:
+    """The records made with this folder's settings; refuses other settings; (re)writes embed.json."""
+    wanted = settings.as_json()
+    found = _read_settings(out)
+    if records:
+        fixed = records[0]['settings']
+        differ = [k for k in wanted if fixed.get(k) != wanted[k]]
         if differ:
-            detail = '; '.join(f'{k}: {found.get(k)!r} there, {wanted[k]!r} now' for k in differ)
+            detail = '; '.join(f'{k}: {fixed.get(k)!r} there, {wanted[k]!r} now' for k in differ)
             raise UsageError(f'{out} holds the output of another embedding run ({detail}); '
                              f'use a new --out folder, or the same settings to resume')
-    elif any((out / 'shards').iterdir()) or any((out / 'img_emb').iterdir()):
-        raise UsageError(f'{out} holds parts but no embed.json: not an output folder of this tool')
-    else:
-        write_text(recorded, json.dumps(wanted, indent=2) + '\n')
+        records = [r for r in records if r['settings'] == fixed]
+        if found != wanted:
+            notes.append(f'note: {out / SETTINGS_FILE} was {"damaged or missing" if found is None else "changed"}; '
+                         f'rebuilt from the records of the {len(records)} finished unit(s)')
+    elif found is not None and found != wanted:
+        notes.append(f'note: no unit of {out} was finished: it takes the settings of this command')
+    if found != wanted:
+        write_text(out / SETTINGS_FILE, json.dumps(wanted, indent=2) + '\n')
+    return records
 
 
-def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_from: str | None) -> list[Unit]:
-    """Check the folder and list the job's units (call while holding the folder's lock; see the module doc)."""
-    for sub in SUBFOLDERS:
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    _check_settings(out, settings)
-    units = plan_units(out, inputs, files_from, settings.part_size)
-    kept: set[str] = set()
-    for path in sorted((out / 'shards').glob('[0-9]*.json')):
-        try:
-            record = json.loads(path.read_text())
-        except ValueError:
-            record = None
-        if record is not None and _intact(out, record):
-            kept.update(name for part in record['parts'] for name in part['files'])
-        else:
-            path.unlink()
-    for sub in SUBFOLDERS[:3]:
-        for path in (out / sub).iterdir():
-            if f'{sub}/{path.name}' not in kept:
+def _remove_unnamed(out: Path, kept: set[str]) -> None:
+    """Remove this tool's part files that no done record names, and its temporary files; nothing else."""
+    for sub, names in PART_FOLDERS.items():
+        folder = out / sub
+        for path in folder.iterdir():
+            if names.fullmatch(path.name) and f'{sub}/{path.name}' not in kept:
                 path.unlink()
-    for folder in (out, out / 'shards'):
-        remove_temporary_files(folder)
-    (out / 'ranks').mkdir(exist_ok=True)
+        remove_temporary_files(folder, names)
+    remove_temporary_files(out / 'shards', RECORD_NAME)
+    remove_temporary_files(out, TOP_FILES)
     for stale in (out / 'ranks').iterdir():  # the counts of an earlier run that did not end
-        stale.unlink()
-    return units
+        if RECORD_NAME.fullmatch(stale.name) or (temporary_target(stale.name) or '').endswith('.json'):
+            stale.unlink()
+
+
+@dataclass
+class Plan:
+    """What `prepare` found: the job's units, the duplicate inputs dropped, notes on repaired bookkeeping."""
+
+    units: list[Unit]
+    duplicates: Duplicates
+    notes: list[str]
+
+
+def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_from: str | None) -> Plan:
+    """Check the folder and list the job's units (call while holding the folder's lock; see the module doc)."""
+    check_folder(out)
+    for sub in (*PART_FOLDERS, 'shards', 'ranks'):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    records = _settled(out, settings, [r for r in read_records(out) if _intact(out, r)], notes)
+    units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,
+                                         {r['unit']: Unit.from_record(r) for r in records})
+    done = {_record_path(out, r['unit']).name for r in records}
+    for path in _record_paths(out):
+        if path.name not in done:
+            path.unlink()
+    _remove_unnamed(out, {name for r in records for part in r['parts'] for name in part['files']})
+    return Plan(units, duplicates, notes + ([note] if note else []))
 
 
 def done_units(out: Path) -> frozenset[int]:
@@ -133,7 +242,7 @@ def done_units(out: Path) -> frozenset[int]:
 
 @dataclass
 class _UnitRows:
-    source: str
+    unit: Unit
     image: list[np.ndarray] = field(default_factory=list)
     text: list[np.ndarray] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)  # fixed columns of the rows not yet written
@@ -164,14 +273,14 @@ class FolderWriter:
         if settings.captions:
             self.fixed_types.update(caption=pa.string(), similarity=pa.float64())
         metadata.part_table([dict(image_path='', caption='', similarity=0.0)], [None], self.fixed_types)
-        self.out, self.part_size = out, settings.part_size
-        self.sources = {u.index: u.source for u in units}
+        self.out, self.part_size, self.settings = out, settings.part_size, settings.as_json()
+        self.by_index = {u.index: u for u in units}
         self.units: dict[int, _UnitRows] = {}
         self.finished: list[dict] = []  # records of the units this writer completed
         self.unreadable: list[dict] = []  # units whose shard could not be read (not done)
 
     def add(self, batch: Batch, image: np.ndarray | None, text: np.ndarray | None) -> None:
-        unit = self.units.setdefault(batch.unit, _UnitRows(self.sources[batch.unit]))
+        unit = self.units.setdefault(batch.unit, _UnitRows(self.by_index[batch.unit]))
         unit.skipped += batch.skipped
         if image is not None:
             unit.image.append(image)
@@ -179,7 +288,7 @@ class FolderWriter:
                 unit.text.append(text)
                 similarity = (image * text).sum(axis=1)
             for i, key in enumerate(batch.keys):
-                row: dict[str, Any] = {'image_path': key}
+                row: dict[str, Any] = {'image_path': name_text(key)}
                 if text is not None:
                     row.update(caption=batch.captions[i], similarity=float(similarity[i]))
                 unit.rows.append(row)
@@ -193,10 +302,7 @@ class FolderWriter:
             self._finish_unit(batch.unit, self.units.pop(batch.unit))
 
     def _write_part(self, index: int, unit: _UnitRows, rows: int) -> None:
-        k = len(unit.parts)
-        if k >= PARTS_PER_UNIT:
-            raise UsageError(f'{unit.source} needs more than {PARTS_PER_UNIT} parts: raise --part-size')
-        name = f'{index * PARTS_PER_UNIT + k:09d}'
+        name = part_name(index, len(unit.parts))
         files: dict[str, int] = {}
         image = np.concatenate(unit.image)
         unit.image = [image[rows:]]
@@ -214,12 +320,15 @@ class FolderWriter:
         unit.parts.append(dict(name=name, rows=rows, files=files, columns=kinds))
 
     def _finish_unit(self, index: int, unit: _UnitRows) -> None:
+        source = name_text(unit.unit.source)
         unreadable = next((s for s in unit.skipped if s.reason == UNREADABLE), None)
         if unreadable is not None:  # no record: its parts are removed and the unit redone by the next run
-            self.unreadable.append(dict(unit=index, source=unit.source, detail=unreadable.detail))
+            self.unreadable.append(dict(unit=index, source=source, detail=unreadable.detail))
             return
-        record = dict(unit=index, source=unit.source, rows=unit.total, parts=unit.parts,
-                      skipped=[dict(key=s.key, reason=s.reason, detail=s.detail) for s in unit.skipped])
+        record = dict(unit=index, source=source, sources=unit.unit.identity(), settings=self.settings,
+                      rows=unit.total, parts=unit.parts,
+                      skipped=[dict(key=None if s.key is None else name_text(s.key), reason=s.reason, detail=s.detail)
+                               for s in unit.skipped])
         write_text(_record_path(self.out, index), json.dumps(record) + '\n')
         self.finished.append(record)
 
@@ -256,6 +365,7 @@ def finish_folder(out: Path, settings: FolderSettings, ranks: list[dict]) -> dic
                    skipped=sum(len(r['skipped']) for r in records), skipped_by_reason=reasons, ranks=ranks)
     write_text(out / 'summary.json', json.dumps(summary, indent=2) + '\n')
     for record in (out / 'ranks').iterdir():
-        record.unlink()
+        if RECORD_NAME.fullmatch(record.name):
+            record.unlink()
     return summary
 

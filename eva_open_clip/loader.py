@@ -1,6 +1,7 @@
 """Decoding for `embed`: units' samples preprocessed in DataLoader workers, as typed batches."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import multiprocessing
@@ -13,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from PIL import Image
 
-from .data import IMAGE_KEYS, Skip, caption_text, open_image, unit_samples
+from .data import IMAGE_KEYS, ImageRefused, PixelLimits, Sample, Skip, caption_text, open_image, unit_samples
 from .errors import ToolError, UsageError
 from .units import Unit
 
@@ -47,45 +49,64 @@ class Batch:
 
 
 class UnitDataset(torch.utils.data.IterableDataset):
-    """The batches of `units`, each unit read whole by one DataLoader worker (units dealt out in turn)."""
+    """The batches of `units`, each unit read whole by one DataLoader worker (units dealt out in turn).
+
+    Whatever a sample holds, it becomes a row of a batch or a `Skip` with a reason code: nothing a
+    sample carries raises out of a worker.
+    """
 
     def __init__(self, units: Sequence[Unit], preprocess: Callable, batch_size: int,
                  image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str | None = None,
-                 tokenizer: Callable | None = None):
+                 tokenizer: Callable | None = None, limits: PixelLimits | None = None):
         self.units, self.preprocess, self.batch_size = list(units), preprocess, batch_size
         self.image_keys, self.caption_key, self.tokenizer = tuple(image_keys), caption_key, tokenizer
+        side = max(preprocess(Image.new('RGB', (8, 8))).shape[-2:])
+        self.limits = dataclasses.replace(limits or PixelLimits(), side=int(side))
 
     def _worker_units(self) -> list[Unit]:
         info = torch.utils.data.get_worker_info()
         return self.units if info is None else self.units[info.id::info.num_workers]
 
-    def _batch(self, unit: Unit, samples: list[tuple[str, torch.Tensor, Any, Any]], skipped: list[Skip],
+    def _batch(self, unit: Unit, samples: list[tuple[str, torch.Tensor, Any, Any, Any]], skipped: list[Skip],
                end: bool, started: float) -> Batch:
-        keys, pixels, captions, metas = (list(c) for c in zip(*samples)) if samples else ([], [], [], [])
+        keys, pixels, captions, tokens, metas = (list(c) for c in zip(*samples)) if samples else tuple([] for _ in range(5))
         with_captions = self.caption_key is not None
-        tokens = self.tokenizer(captions) if self.tokenizer is not None and captions else None
-        return Batch(unit.index, keys, torch.stack(pixels) if pixels else None, tokens,
+        return Batch(unit.index, keys, torch.stack(pixels) if pixels else None,
+                     torch.cat(tokens) if self.tokenizer is not None and tokens else None,
                      captions if with_captions else None, metas, skipped, end, time.thread_time() - started)
 
-    def _prepared(self, item: Any) -> tuple[str, torch.Tensor, Any, Any] | Skip:
-        if isinstance(item, Skip):
-            return item
-        caption = caption_text(item.caption) if self.caption_key else None
-        if isinstance(caption, Skip):
-            return Skip(item.key, caption.reason, caption.detail)
+    def _prepared(self, item: Sample) -> tuple[str, torch.Tensor, Any, Any, Any] | Skip:
+        caption = tokens = None
+        if self.caption_key:
+            caption = caption_text(item.caption)
+            if isinstance(caption, Skip):
+                return Skip(item.key, caption.reason, caption.detail)
+            if self.tokenizer is not None:
+                tokens = self.tokenizer([caption])
         try:
-            pixels = self.preprocess(open_image(item.image))
+            pixels = self.preprocess(open_image(item.image, self.limits))
+        except ImageRefused as e:
+            return Skip(item.key, e.reason, str(e))
         except Exception as e:  # PIL raises many types for damaged or non-image data
             return Skip(item.key, 'undecodable_image', type(e).__name__)
-        return item.key, pixels, caption, item.meta
+        return item.key, pixels, caption, tokens, item.meta
+
+    def _samples(self, unit: Unit) -> Iterator[tuple[str, torch.Tensor, Any, Any, Any] | Skip]:
+        for item in unit_samples(unit.shard, unit.files, self.image_keys, self.caption_key):
+            if isinstance(item, Skip):
+                yield item
+                continue
+            try:
+                yield self._prepared(item)
+            except Exception as e:  # anything else a sample's content provokes: its own skip, not a stop
+                yield Skip(item.key, 'bad_sample', f'{type(e).__name__}: {str(e)[:200]}')
 
     def __iter__(self) -> Iterator[Batch]:
         started = time.thread_time()  # this thread's CPU time, restarted after each batch is taken
         for unit in self._worker_units():
             samples: list = []
             skipped: list[Skip] = []
-            for item in unit_samples(unit.shard, unit.files, self.image_keys, self.caption_key):
-                prepared = self._prepared(item)
+            for prepared in self._samples(unit):
                 if isinstance(prepared, Skip):
                     skipped.append(prepared)
                     continue

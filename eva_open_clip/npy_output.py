@@ -1,25 +1,32 @@
 """`embed --out FILE.npy` (small jobs): one float32 array, row i for line i of FILE.paths.txt.
 
-Rows are written as they come into FILE.npy under a temporary name; at the end FILE.paths.txt and
-FILE.npy are flushed to disk and renamed into place one right after the other, so an interrupted run
-leaves an older output as it was.
+Rows are written as they come into FILE.npy under a temporary name. Names are written by the rule of
+`names.py` (one line each, whatever bytes a name holds). At the end both files are flushed to disk
+under temporary names and committed together: a journal (`.FILE.npy.commit`) names them, an older
+FILE.npy is removed, then both are renamed into place and the journal removed. A run killed before
+the journal leaves an older output as it was; one killed after it leaves no FILE.npy beside a
+FILE.paths.txt of another run (so no reader can pair the wrong rows and lines), and the next run
+(under the output's lock) completes the commit first.
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from .data import IMAGE_KEYS, Skip
-from .durable import TEMP_SUFFIX, OutputLock, commit, stage, write_error
+from .data import IMAGE_KEYS, InputError, PixelLimits, Skip
+from .durable import TEMP_SUFFIX, OutputLock, fsync_dir, new_file_mode, stage, write_error, write_text
 from .errors import UsageError
 from .inference import Encoder
 from .loader import Batch, DecodedBatches, UnitDataset
+from .names import name_text
 from .progress import progress_bar
 from .units import list_units
 
@@ -40,10 +47,12 @@ class _Rows:
 
     def __init__(self, out: Path):
         fd, name = tempfile.mkstemp(prefix=f'.{out.name}.', suffix=TEMP_SUFFIX, dir=out.parent)
+        os.fchmod(fd, new_file_mode())
         self.path = Path(name)
         self.file = os.fdopen(fd, 'wb')
         self.file.write(b'\0' * self.HEADER)
         self.rows, self.dim = 0, 0
+        self.finished = False  # once finished, the file is the commit's to rename or the next run's to remove
 
     def append(self, rows: np.ndarray) -> None:
         self.dim = rows.shape[1]
@@ -65,11 +74,14 @@ class _Rows:
             self.file.close()
         except OSError as e:
             raise write_error(self.path, e) from None
+        self.finished = True
         return self.path
 
     def discard(self) -> None:
+        """Remove the rows of a run that did not get as far as its commit."""
         self.file.close()
-        self.path.unlink(missing_ok=True)
+        if not self.finished:
+            self.path.unlink(missing_ok=True)
 
 
 def _in_input_order(batches: DecodedBatches) -> Iterator[Batch]:
@@ -83,29 +95,77 @@ def _in_input_order(batches: DecodedBatches) -> Iterator[Batch]:
             following += 1
 
 
+def _journal(out: Path) -> Path:
+    return out.with_name(f'.{out.name}.commit')
+
+
+def _complete_commit(out: Path) -> None:
+    """Rename the files a journal names into place (both are on disk), then remove the journal."""
+    journal = _journal(out)
+    staged = json.loads(journal.read_text(encoding='utf-8'))
+    try:
+        for name, target in ((staged['paths'], paths_file(out)), (staged['npy'], out)):
+            if (out.parent / name).exists():
+                os.replace(out.parent / name, target)
+        fsync_dir(out.parent)
+        journal.unlink()
+        fsync_dir(out.parent)
+    except OSError as e:
+        raise write_error(out, e) from None
+
+
+def _commit_pair(array: Path, paths: Path, out: Path) -> None:
+    write_text(_journal(out), json.dumps(dict(npy=array.name, paths=paths.name)))
+    out.unlink(missing_ok=True)  # from here on no FILE.npy stands beside a FILE.paths.txt of another run
+    _complete_commit(out)
+
+
 def embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike, batch_size: int = 32,
                  text_file: str | None = None, files_from: str | None = None, workers: int = 0,
-                 image_keys: Sequence[str] = IMAGE_KEYS) -> tuple[int, list[Skip]]:
+                 image_keys: Sequence[str] = IMAGE_KEYS, limits: PixelLimits | None = None) -> tuple[int, list[Skip]]:
     """Write FILE.npy and FILE.paths.txt; return the number of rows and the samples skipped.
 
-    One job at a time writes an output (its lock, `.FILE.npy.lock`); the temporary files that a killed
-    job left beside the outputs are removed first.
+    One job at a time writes an output (its lock, `.FILE.npy.lock`); a commit that a killed job left
+    half done is completed, and the temporary files it left beside the outputs are removed, first.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with OutputLock(out, folder=False):
-        for target in (out, paths_file(out)):
+        try:
+            if _journal(out).exists():
+                _complete_commit(out)
+        except (ValueError, KeyError):  # a journal cut short: it was not complete, so nothing was renamed
+            _journal(out).unlink()
+        for target in (out, paths_file(out), _journal(out)):
             for stale in out.parent.glob(f'.{glob.escape(target.name)}.*{TEMP_SUFFIX}'):
                 stale.unlink()
-        return _embed_to_npy(encoder, inputs, out, batch_size, text_file, files_from, workers, image_keys)
+        return _embed_to_npy(encoder, inputs, out, batch_size, text_file, files_from, workers, image_keys, limits)
+
+
+def _text_lines(text_file: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (split at \\n; a final \\r is dropped)."""
+    try:
+        raw = Path(text_file).read_bytes()
+    except OSError as e:
+        raise InputError(f'--text-file {text_file}: {e.strerror or e}') from None
+    lines = []
+    for number, line in enumerate(raw.split(b'\n'), 1):
+        try:
+            text = line.decode('utf-8').removesuffix('\r')
+        except UnicodeDecodeError:
+            raise InputError(f'--text-file {text_file}: line {number} is not UTF-8 text') from None
+        if text.strip():
+            lines.append(text)
+    return lines
 
 
 def _embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: Path, batch_size: int, text_file: str | None,
-                  files_from: str | None, workers: int, image_keys: Sequence[str]) -> tuple[int, list[Skip]]:
+                  files_from: str | None, workers: int, image_keys: Sequence[str],
+                  limits: PixelLimits | None) -> tuple[int, list[Skip]]:
     rows, keys, skipped = _Rows(out), [], []
     try:
         if text_file:
-            lines = [line for line in Path(text_file).read_text(encoding='utf-8').splitlines() if line.strip()]
+            lines = _text_lines(text_file)
             with progress_bar('text', total=len(lines)) as progress:
                 for start in range(0, len(lines), batch_size):
                     chunk = lines[start:start + batch_size]
@@ -113,8 +173,10 @@ def _embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: Path, batch_size
                     keys += chunk
                     progress.update(len(chunk))
         else:
-            units = list_units(inputs, files_from, 10_000)
-            dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=image_keys)
+            units, duplicates = list_units(inputs, files_from, 10_000)
+            if duplicates.note():
+                print(duplicates.note(), file=sys.stderr)
+            dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=image_keys, limits=limits)
             with progress_bar('img', total=sum(len(u.files) for u in units) or None) as progress:
                 for batch in _in_input_order(DecodedBatches(dataset, workers, encoder.device_type)):
                     skipped += batch.skipped
@@ -125,9 +187,9 @@ def _embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: Path, batch_size
         if not keys:
             raise UsageError('no input could be decoded' if skipped else 'nothing to embed')
         array = rows.finish()
-        paths = stage(paths_file(out), lambda p: p.write_text(''.join(f'{k}\n' for k in keys), encoding='utf-8'))
-        commit(paths, paths_file(out))  # the two renames follow each other: both files are already on disk
-        commit(array, out)
+        paths = stage(paths_file(out), lambda p: p.write_text(''.join(f'{name_text(k)}\n' for k in keys),
+                                                             encoding='utf-8'))
+        _commit_pair(array, paths, out)
     finally:
         rows.discard()
     return len(keys), skipped

@@ -150,7 +150,7 @@ def test_folders_and_file_lists(dataset, tiny, tmp_path):
 def test_worker_pixels_are_the_preprocessed_files_bit_for_bit(tiny):
     _, _, preprocess, _ = tiny
     paths = [str(DATA / 'images' / n) for n in ('clip_diagram_rgba.png', 'noise_gray_64x96.png', 'palette_120.png')]
-    data = UnitDataset(list_units(paths, None, 10), preprocess, batch_size=8)
+    data = UnitDataset(list_units(paths, None, 10)[0], preprocess, batch_size=8)
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=1)))
     assert batch.keys == paths
     assert torch.equal(batch.pixels, torch.stack([preprocess(Image.open(p)) for p in paths]))

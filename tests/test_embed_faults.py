@@ -219,7 +219,7 @@ def test_disk_full_stops_in_one_line_and_resumes_exactly(tiny, tmp_path, small_d
     out = mount / 'out'
     line = _one_line_error(run_embed(tiny, *args, out=out), 1)
     assert line.startswith(f'eva-open-clip embed: cannot write {out}/') and line.endswith(
-        'No space left on device: free some space and run the same command to resume'), line
+        ': free some space and run the same command to resume') and ': the disk is full (' in line, line
     for path in out.rglob('*'):  # every file under a final name is whole
         if path.suffix == '.npy':
             np.load(path)
@@ -248,7 +248,7 @@ def test_damaged_and_orphan_parts_are_redone(tiny, tmp_path):
     text = out / 'text_emb' / 'text_emb_000002000.npy'
     np.save(text, np.zeros((3, np.load(text).shape[1]), np.float32))  # a part with another row count
     shutil.copy(out / 'img_emb' / 'img_emb_000000000.npy', out / 'img_emb' / 'img_emb_000000003.npy')  # orphans
-    (out / 'metadata' / '.metadata_000000000.parquet.x1y2.tmp').write_bytes(b'half')
+    (out / 'metadata' / '.metadata_000000000.parquet.x1y2z3w4.tmp').write_bytes(b'half')
     result = _ok(run_embed(tiny, *args, out=out))
     assert 'this run: 30 samples' in result.stderr  # all three units were redone
     same_output(reference, out)
@@ -292,3 +292,19 @@ def test_gzipped_shards_are_read_as_tars(tiny, tmp_path):
     assert 0 < len(rows) < 4 and list(rows) == [f'g{i}' for i in range(len(rows))]
     damage = json.loads((out / 'shards' / '000000.json').read_text())['skipped']
     assert len(damage) == 1 and damage[0]['reason'] == 'damaged_tar'
+
+
+def test_a_full_disk_is_named_whichever_layer_notices(tmp_path, small_disk):
+    """numpy and pyarrow report a short write without an errno; the message says the disk is full all the same."""
+    import pyarrow as pa
+    from eva_open_clip.durable import WriteError, write_atomic
+    from eva_open_clip.folder import _save_npy
+    mount, _ = small_disk
+    writers = {'rows.npy': _save_npy(np.ones((400, 256), np.float32)),
+               'rows.parquet': lambda p: pq.write_table(pa.table({'x': np.arange(100_000)}), p)}
+    for name, write in writers.items():
+        with pytest.raises(WriteError) as error:
+            write_atomic(mount / name, write)
+        assert str(error.value).startswith(f'cannot write {mount / name}: the disk is full (')
+        assert str(error.value).endswith(': free some space and run the same command to resume')
+        assert list(mount.iterdir()) == []
