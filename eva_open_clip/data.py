@@ -15,6 +15,7 @@ precede the damage is kept, and the damage is one `Skip` naming the member where
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import gzip
 import io
@@ -26,6 +27,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -87,6 +89,8 @@ def is_shard(path: str) -> bool:
 
 
 def _source(path: str, stat: os.stat_result, real: str | None = None) -> Source:
+    if not S_ISREG(stat.st_mode):  # a pipe or a device would block or never end
+        raise OSError(errno.EINVAL, 'not a regular file')
     return Source(path, real or os.path.realpath(path), stat.st_size, stat.st_mtime_ns if is_shard(path) else None)
 
 

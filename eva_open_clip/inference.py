@@ -58,8 +58,9 @@ def load_model(model_name: str, pretrained: str | None, device: str, precision: 
 
 
 def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and image files found under folders (recursively, in path order)."""
-    return [Path(s.path) for s in data.input_sources([str(p) for p in paths], None)]
+    """Files as given, and image files found under folders (recursively, in path order), each once."""
+    sources, _ = data.unique_sources(data.input_sources([str(p) for p in paths], None))
+    return [Path(s.path) for s in sources if not s.is_shard]
 
 
 def _opened(path: Path) -> Image.Image | None:

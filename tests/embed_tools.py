@@ -51,6 +51,29 @@ def run_embed(tiny, *args, out, launcher=(sys.executable, '-m', 'eva_open_clip')
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
+def embed_here(tiny, *args, out, pretrained: str | None = None) -> subprocess.CompletedProcess:
+    """`eva-open-clip embed ARGS --out OUT` on the tiny model through the command line's entry point, in this
+    process (a second or so instead of a new interpreter's imports): its exit status and standard error."""
+    import contextlib
+    import signal
+
+    import eva_open_clip
+    from eva_open_clip import cli
+    from conftest import golden
+    eva_open_clip.register_eva_model('tiny', golden('tiny_a')['config'])
+    argv = ['embed', *map(str, args), '--out', str(out), '--model', 'tiny',
+            '--pretrained', pretrained or str(tiny[0] / 'tiny.pt')]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            code = cli.main(argv)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(argv, code, '', stderr.getvalue())
+
+
 def read_folder(out: Path) -> dict[str, dict]:
     """Every row of an output folder, by key: image/text features and metadata; checks alignment and uniqueness."""
     rows = {}

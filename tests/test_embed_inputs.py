@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from embed_tools import (add_member, api_features, embed_command, no_strays, png, read_folder, run_embed, same_output,
+from embed_tools import (add_member, api_features, embed_here, no_strays, png, read_folder, run_embed, same_output,
                          same_rows)
 from eva_open_clip.folder import part_name, sortable_number
 from eva_open_clip.names import name_text, original_name
@@ -115,7 +115,7 @@ def test_npy_names_of_any_bytes_one_line_each(tiny, tmp_path):
     for i, name in enumerate(names):
         (folder / name).write_bytes(png(i, 2) if name != 'big.png' else _png_bytes(Image.new('RGB', (300, 300))))
     out = tmp_path / 'emb.npy'
-    result = _ok(run_embed(tiny, folder, '--workers', '0', '--max-image-pixels', '50000', out=out))
+    result = _ok(embed_here(tiny, folder, '--workers', '0', '--max-image-pixels', '50000', out=out))
     assert 'skipped 1 sample(s): ' + str(folder / 'big.png') + ' (image_too_large)' in result.stderr
     lines = out.with_name('emb.paths.txt').read_text(encoding='utf-8').split('\n')
     array = np.load(out)
@@ -170,7 +170,7 @@ def test_a_folder_of_the_users_is_refused_and_left_as_it_is(tiny, tmp_path):
     before = _files(out)
     image = tmp_path / 'a.png'
     image.write_bytes(png(0, 0))
-    line = _one_line_error(run_embed(tiny, image, '--workers', '0', out=out), 2)
+    line = _one_line_error(embed_here(tiny, image, '--workers', '0', out=out), 2)
     assert line == (f'eva-open-clip embed: {out} is not empty and is not an output folder of eva-open-clip embed '
                     f'(no embed.json); give a new or empty folder (nothing in {out} was changed)')
     assert _files(out) == before and sorted(os.listdir(out)) == ['.notes.tmp', 'metadata']
@@ -180,15 +180,15 @@ def test_files_of_the_users_inside_an_output_folder_are_kept(tiny, tmp_path):
     image = tmp_path / 'a.png'
     image.write_bytes(png(0, 0))
     reference, out = tmp_path / 'reference', tmp_path / 'out'
-    _ok(run_embed(tiny, image, '--workers', '0', out=reference))
-    _ok(run_embed(tiny, image, '--workers', '0', out=out))
+    _ok(embed_here(tiny, image, '--workers', '0', out=reference))
+    _ok(embed_here(tiny, image, '--workers', '0', out=out))
     mine = {'README.txt': 'mine', '.notes.tmp': 'mine', 'img_emb/NOTES.npy': 'mine', 'shards/notes.json': '{}',
             'metadata/.x.tmp': 'mine', 'ranks/mine.txt': 'mine'}
     for name, text in mine.items():
         (out / name).write_text(text)
     (out / 'img_emb' / 'img_emb_000000007.npy').write_bytes(b'an orphan part of this tool: removed')
     (out / 'shards' / '000000.json').unlink()  # the unit is redone
-    _ok(run_embed(tiny, image, '--workers', '0', out=out))
+    _ok(embed_here(tiny, image, '--workers', '0', out=out))
     for name, text in mine.items():
         assert (out / name).read_text() == text
         (out / name).unlink()
@@ -210,13 +210,13 @@ def test_overlapping_inputs_are_embedded_once(tiny, tmp_path):
     inputs = [f'{t}/s0.tar', f'{t}/s0.tar', f'{t}/s*.tar', f'{t}/s[01].tar', str(images), f'{images}/./',
               str(tmp_path / 'link'), '--files-from', str(tmp_path / 'list.txt')]
     out, reference = tmp_path / 'out', tmp_path / 'reference'
-    result = _ok(run_embed(tiny, *inputs, '--workers', '0', out=out))
+    result = _ok(embed_here(tiny, *inputs, '--workers', '0', out=out))
     assert (f'note: 11 input file(s) reached more than once are embedded once (e.g. {t}/s0.tar is {t}/s0.tar)'
             in result.stderr)
-    _ok(run_embed(tiny, f'{t}/s*.tar', images, '--workers', '0', out=reference))
+    _ok(embed_here(tiny, f'{t}/s*.tar', images, '--workers', '0', out=reference))
     same_output(reference, out)
     # a later run spelling the same files otherwise embeds nothing again
-    result = _ok(run_embed(tiny, tmp_path / 'link', f'{t}/s{{0..2}}.tar', '--workers', '0', out=out))
+    result = _ok(embed_here(tiny, tmp_path / 'link', f'{t}/s{{0..2}}.tar', '--workers', '0', out=out))
     assert 'this run: 0 samples' in result.stderr
     same_rows(out, reference)
 
@@ -228,15 +228,15 @@ def test_damaged_or_lost_bookkeeping_is_rebuilt(tiny, tmp_path):
         (images / f'm{i}.png').write_bytes(png(i, 4))
     args = (images, '--part-size', '3', '--workers', '0')
     out = tmp_path / 'out'
-    _ok(run_embed(tiny, *args, out=out))
+    _ok(embed_here(tiny, *args, out=out))
     reference = tmp_path / 'reference'
-    _ok(run_embed(tiny, *args, out=reference))
+    _ok(embed_here(tiny, *args, out=reference))
 
     with open(out / 'units.jsonl', 'a') as f:
         f.write('{"unit": 4, "sour')  # a garbage, cut-short last line
     settings = (out / 'embed.json').read_text()
     (out / 'embed.json').write_text(settings[:len(settings) // 2])  # cut short
-    result = _ok(run_embed(tiny, *args, out=out))
+    result = _ok(embed_here(tiny, *args, out=out))
     assert f'note: {out / "units.jsonl"} was damaged; rebuilt from the records of the 4 finished unit(s)' in result.stderr
     assert f'note: {out / "embed.json"} was damaged or missing; rebuilt' in result.stderr
     assert 'this run: 0 samples' in result.stderr
@@ -245,10 +245,10 @@ def test_damaged_or_lost_bookkeeping_is_rebuilt(tiny, tmp_path):
     (out / 'units.jsonl').unlink()
     for i in range(5):  # files that sort before every recorded one
         (images / f'a{i}.png').write_bytes(png(i, 5))
-    result = _ok(run_embed(tiny, *args, out=out))
+    result = _ok(embed_here(tiny, *args, out=out))
     assert 'this run: 5 samples' in result.stderr
     grown = tmp_path / 'grown'
-    _ok(run_embed(tiny, *args, out=grown))
+    _ok(embed_here(tiny, *args, out=grown))
     rows = same_rows(out, grown)
     assert len(rows) == 15
     no_strays(out)
@@ -258,17 +258,16 @@ def test_first_finished_unit_fixes_the_settings(tiny, tmp_path):
     image = tmp_path / 'a.png'
     image.write_bytes(png(0, 0))
     out = tmp_path / 'out'
-    command = embed_command(tiny, image, '--workers', '0', out=out)
-    command[-1] += 't'  # --pretrained tiny.ptt
-    typo = subprocess.run([sys.executable, '-m', 'eva_open_clip', *command], capture_output=True, text=True)
-    assert _one_line_error(typo, 1).endswith(f"--pretrained {command[-1]}: not a file, nor a tag of tiny (none)")
+    typo = str(tiny[0] / 'tiny.ptt')
+    result = embed_here(tiny, image, '--workers', '0', out=out, pretrained=typo)
+    assert _one_line_error(result, 1) == f'eva-open-clip embed: --pretrained {typo}: not a file, nor a tag of tiny (none)'
     assert (out / 'embed.json').exists()
-    result = _ok(run_embed(tiny, image, '--workers', '0', out=out))  # the corrected command takes the folder
+    result = _ok(embed_here(tiny, image, '--workers', '0', out=out))  # the corrected command takes the folder
     assert 'note: no unit of' in result.stderr
     reference = tmp_path / 'reference'
-    _ok(run_embed(tiny, image, '--workers', '0', out=reference))
+    _ok(embed_here(tiny, image, '--workers', '0', out=reference))
     same_output(reference, out)
-    line = _one_line_error(run_embed(tiny, image, '--workers', '0', '--part-size', '7', out=out), 2)
+    line = _one_line_error(embed_here(tiny, image, '--workers', '0', '--part-size', '7', out=out), 2)
     assert 'holds the output of another embedding run (part_size: 100000 there, 7 now)' in line
 
 
@@ -279,7 +278,7 @@ def test_a_shard_of_more_parts_than_a_thousand(tiny, tmp_path):
         for i in range(1003):
             add_member(tf, f'{i:05d}.png', tiny_png)
     out = tmp_path / 'out'
-    _ok(run_embed(tiny, shard, '--part-size', '1', '--batch-size', '128', '--workers', '0', out=out))
+    _ok(embed_here(tiny, shard, '--part-size', '1', '--batch-size', '128', '--workers', '0', out=out))
     names = sorted(p.name for p in (out / 'metadata').iterdir())
     assert len(names) == 1003 and names[998:] == [f'metadata_{n}.parquet' for n in (
         '000000998', '00000099900', '00000099901', '00000099902', '00000099903')]
@@ -301,14 +300,14 @@ def test_input_problems_name_the_input(tiny, tmp_path):
     (images / 'up').symlink_to(images)  # a folder that contains itself: walked once
     (images / 'loop.png').symlink_to(images / 'loop.png')
     out = tmp_path / 'out'
-    line = _one_line_error(run_embed(tiny, images, '--workers', '0', out=out), 2)
+    line = _one_line_error(embed_here(tiny, images, '--workers', '0', out=out), 2)
     assert line == f'eva-open-clip embed: {images / "loop.png"}: Too many levels of symbolic links (in the input folder {images})'
     (images / 'loop.png').unlink()
     (images / 'gone.png').symlink_to(tmp_path / 'nothing.png')
-    line = _one_line_error(run_embed(tiny, images, '--workers', '0', out=out), 2)
+    line = _one_line_error(embed_here(tiny, images, '--workers', '0', out=out), 2)
     assert line == f'eva-open-clip embed: {images / "gone.png"}: no such file (in the input folder {images})'
     (images / 'gone.png').unlink()
-    result = _ok(run_embed(tiny, images, '--workers', '0', out=out))
+    _ok(embed_here(tiny, images, '--workers', '0', out=out))
     assert list(read_folder(out)) == [str(images / 'sub' / 'a.png')]
 
 
@@ -334,8 +333,8 @@ def test_files_have_the_mode_the_umask_gives(tiny, tmp_path):
     out = tmp_path / 'out'
     umask = os.umask(0o027)
     try:
-        _ok(run_embed(tiny, image, '--workers', '0', out=out))
-        _ok(run_embed(tiny, image, '--workers', '0', out=tmp_path / 'emb.npy'))
+        _ok(embed_here(tiny, image, '--workers', '0', out=out))
+        _ok(embed_here(tiny, image, '--workers', '0', out=tmp_path / 'emb.npy'))
     finally:
         os.umask(umask)
     made = [p for p in out.rglob('*')] + [tmp_path / 'emb.npy', tmp_path / 'emb.paths.txt']
@@ -351,15 +350,32 @@ def test_folders_of_shards_and_images(tiny, tmp_path):
             for i in range(3):
                 add_member(tf, f's{s}k{i}.png', png(i, s))
     only, reference = tmp_path / 'only', tmp_path / 'reference'
-    _ok(run_embed(tiny, shards, '--workers', '0', out=only))
-    _ok(run_embed(tiny, shards / '0.tar', shards / '1.tar', '--workers', '0', out=reference))
+    _ok(embed_here(tiny, shards, '--workers', '0', out=only))
+    _ok(embed_here(tiny, shards / '0.tar', shards / '1.tar', '--workers', '0', out=reference))
     same_output(reference, only)
     (shards / 'pic.png').write_bytes(png(5, 5))
     mixed = tmp_path / 'mixed'
-    _ok(run_embed(tiny, shards, '--workers', '0', out=mixed))
+    _ok(embed_here(tiny, shards, '--workers', '0', out=mixed))
     assert sorted(read_folder(mixed)) == sorted([str(shards / 'pic.png')] + [f's{s}k{i}' for s in range(2) for i in range(3)])
     empty = tmp_path / 'empty'
     (empty / 'notes').mkdir(parents=True)
     (empty / 'notes' / 'a.txt').write_text('x')
-    line = _one_line_error(run_embed(tiny, empty, '--workers', '0', out=tmp_path / 'o'), 2)
+    line = _one_line_error(embed_here(tiny, empty, '--workers', '0', out=tmp_path / 'o'), 2)
     assert line.startswith(f'eva-open-clip embed: {empty}: the folder holds no image file (.bmp, ')
+
+
+def test_lists_in_any_bytes(tiny, tmp_path):
+    """A --files-from list names files in any bytes (CRLF lines too); a --text-file must be UTF-8 text."""
+    image = tmp_path / (LATIN1_NAME + '.png')
+    image.write_bytes(png(1, 1))
+    listing = tmp_path / 'list.txt'
+    listing.write_bytes(os.fsencode(str(image)) + b'\r\n')
+    out = tmp_path / 'emb.npy'
+    _ok(embed_here(tiny, '--files-from', listing, '--workers', '0', out=out))
+    line = out.with_name('emb.paths.txt').read_text(encoding='utf-8')
+    assert os.fsdecode(original_name(line.rstrip('\n'))) == str(image)
+    assert np.allclose(np.load(out), api_features(tiny, [Image.open(image)])[0], atol=1e-6)
+    texts = tmp_path / 'texts.txt'
+    texts.write_bytes(b'a dog\ncaf\xe9\n')
+    line = _one_line_error(embed_here(tiny, '--text-file', texts, out=out), 2)
+    assert line == f'eva-open-clip embed: --text-file {texts}: line 2 is not UTF-8 text'
