@@ -145,11 +145,11 @@ def _embed_folder(args: argparse.Namespace) -> int:
     try:
         settings = FolderSettings(
             model=args.model, pretrained=args.pretrained or default_pretrained(args.model) or '',
-            precision=args.precision, part_size=args.part_size, batch_size=args.batch_size, captions=args.captions,
+            precision=args.precision, part_size=args.part_size, captions=args.captions,
             image_keys=args.image_key.split(','), caption_key=args.caption_key,
             max_image_pixels=args.max_image_pixels, max_resized_pixels=args.max_resized_pixels)
         summary = embed_folder(lambda: _encoder(args, device), settings, args.inputs, args.files_from, out,
-                               _workers(args), ranks, progress_interval=args.progress_interval, quiet=args.quiet)
+                               _workers(args), args.batch_size, ranks, progress_interval=args.progress_interval, quiet=args.quiet)
     except Interrupted as e:
         if ranks.rank == 0:
             units = read_units(out) or []

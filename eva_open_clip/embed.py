@@ -44,7 +44,7 @@ class Ranks:
 
 
 def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, inputs: Sequence[str],
-                 files_from: str | None, out: Path, workers: int, ranks: Ranks = Ranks(),
+                 files_from: str | None, out: Path, workers: int, batch_size: int = 32, ranks: Ranks = Ranks(),
                  progress_interval: float | None = None, quiet: bool = False) -> dict | None:
     """Embed into the folder `out`; return the summary on rank 0 (None elsewhere).
 
@@ -83,7 +83,7 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         mine = [u for u in units if u.index % ranks.world_size == ranks.rank and u.index not in done]
         progress = JobProgress(out / 'shards', len(units), progress_interval, enabled=ranks.rank == 0 and not quiet)
         try:
-            counts = _embed_units(load_encoder, settings, mine, out, workers, progress) if mine else \
+            counts = _embed_units(load_encoder, settings, mine, out, workers, batch_size, progress) if mine else \
                 dict(units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None, input_wait_s=0.0, model_loaded=False,
                      unreadable=[])
         finally:
@@ -115,17 +115,17 @@ def _image_bytes(encoder: Encoder) -> int:
 
 
 def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list, out: Path,
-                 workers: int, progress: JobProgress) -> dict:
+                 workers: int, batch_size: int, progress: JobProgress) -> dict:
     encoder = load_encoder()
-    writer = FolderWriter(out, settings, units)
-    dataset = UnitDataset(units, encoder.preprocess, settings.batch_size, image_keys=settings.image_keys,
+    writer = FolderWriter(out, settings, units, batch_size)
+    dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=settings.image_keys,
                           caption_key=settings.caption_key if settings.captions else None,
                           tokenizer=encoder.tokenizer if settings.captions else None,
                           limits=PixelLimits(settings.max_image_pixels, settings.max_resized_pixels))
     first = None  # when the first batch was done: the rate excludes loading and start-up
     first_rows = 0
     batches = DecodedBatches(dataset, workers, encoder.device_type,
-                             shm_prefetch(workers, settings.batch_size * _image_bytes(encoder)))
+                             shm_prefetch(workers, batch_size * _image_bytes(encoder)))
     for batch in batches:
         image = text = None
         if batch.pixels is not None:

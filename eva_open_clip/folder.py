@@ -49,18 +49,22 @@ SETTINGS_FILE = 'embed.json'
 PART_FOLDERS = {'img_emb': re.compile(r'img_emb_\d+\.npy'), 'text_emb': re.compile(r'text_emb_\d+\.npy'),
                 'metadata': re.compile(r'metadata_\d+\.parquet')}
 RECORD_NAME = re.compile(r'\d+\.json')
+SUBFOLDERS = (*PART_FOLDERS, 'shards', 'ranks')
 TOP_FILES = re.compile(r'embed\.json|units\.jsonl|summary\.json')  # this tool's files at the top of DIR
 
 
 @dataclass
 class FolderSettings:
-    """What determines the rows of an output folder (recorded in DIR/embed.json and in every done record)."""
+    """What determines the rows of an output folder (recorded in DIR/embed.json and in every done record).
+
+    The batch size is not among them (a run after an out-of-memory failure may take a smaller one): each
+    unit's record says which it was made with.
+"""
 
     model: str
     pretrained: str
     precision: str
     part_size: int
-    batch_size: int
     captions: bool
     image_keys: list[str]
     caption_key: str
@@ -147,8 +151,10 @@ def _read_settings(out: Path) -> dict | None:
 
 
 def _only_leftovers(out: Path) -> bool:
-    """Whether DIR holds nothing but what a run leaves before its first write: its lock, temporary files."""
-    return all(p.name == '.lock' or (temporary_target(p.name) or '') == SETTINGS_FILE for p in out.iterdir())
+    """Whether DIR holds nothing but what a run may leave before its first record: its lock, its temporary
+    files of embed.json, its subfolders with nothing in them."""
+    return all(p.name == '.lock' or (temporary_target(p.name) or '') == SETTINGS_FILE or
+               (p.name in SUBFOLDERS and p.is_dir() and not any(p.iterdir())) for p in out.iterdir())
 
 
 def check_folder(out: Path) -> None:
@@ -221,10 +227,10 @@ class Plan:
 def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_from: str | None) -> Plan:
     """Check the folder and list the job's units (call while holding the folder's lock; see the module doc)."""
     check_folder(out)
-    for sub in (*PART_FOLDERS, 'shards', 'ranks'):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     records = _settled(out, settings, [r for r in read_records(out) if _intact(out, r)], notes)
+    for sub in SUBFOLDERS:
+        (out / sub).mkdir(exist_ok=True)
     units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,
                                          {r['unit']: Unit.from_record(r) for r in records})
     done = {_record_path(out, r['unit']).name for r in records}
@@ -261,7 +267,7 @@ def _save_npy(array: np.ndarray) -> Callable[[Path], None]:
 class FolderWriter:
     """Writes the parts and unit records of one output folder, as batches of units arrive."""
 
-    def __init__(self, out: Path, settings: FolderSettings, units: Sequence[Unit]):
+    def __init__(self, out: Path, settings: FolderSettings, units: Sequence[Unit], batch_size: int):
         # pyarrow is imported, and its first table built (which imports pandas, when installed), here
         # rather than at the first part: a broken install fails before any work, and the time is not
         # taken from the model in the middle of the run
@@ -273,6 +279,7 @@ class FolderWriter:
             self.fixed_types.update(caption=pa.string(), similarity=pa.float64())
         metadata.part_table([dict(image_path='', caption='', similarity=0.0)], [None], self.fixed_types)
         self.out, self.part_size, self.settings = out, settings.part_size, settings.as_json()
+        self.batch_size = batch_size
         self.by_index = {u.index: u for u in units}
         self.units: dict[int, _UnitRows] = {}
         self.finished: list[dict] = []  # records of the units this writer completed
@@ -325,7 +332,7 @@ class FolderWriter:
             self.unreadable.append(dict(unit=index, source=source, detail=unreadable.detail))
             return
         record = dict(unit=index, source=source, sources=unit.unit.identity(), settings=self.settings,
-                      rows=unit.total, parts=unit.parts,
+                      batch_size=self.batch_size, rows=unit.total, parts=unit.parts,
                       skipped=[dict(key=None if s.key is None else name_text(s.key), reason=s.reason, detail=s.detail)
                                for s in unit.skipped])
         write_text(_record_path(self.out, index), json.dumps(record) + '\n')

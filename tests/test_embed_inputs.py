@@ -174,6 +174,16 @@ def test_a_folder_of_the_users_is_refused_and_left_as_it_is(tiny, tmp_path):
     assert line == (f'eva-open-clip embed: {out} is not empty and is not an output folder of eva-open-clip embed '
                     f'(no embed.json); give a new or empty folder (nothing in {out} was changed)')
     assert _files(out) == before and sorted(os.listdir(out)) == ['.notes.tmp', 'metadata']
+    # what a first run killed before its first write leaves is not the user's: the folder is taken
+    early = tmp_path / 'early'
+    for sub in ('img_emb', 'shards'):
+        (early / sub).mkdir(parents=True)
+    (early / '.lock').write_text('host h pid 1\n')
+    (early / '.embed.json.abcd1234.tmp').write_text('{"mod')
+    _ok(embed_here(tiny, image, '--workers', '0', out=early))
+    reference = tmp_path / 'reference'
+    _ok(embed_here(tiny, image, '--workers', '0', out=reference))
+    same_output(reference, early)
 
 
 def test_files_of_the_users_inside_an_output_folder_are_kept(tiny, tmp_path):
@@ -269,6 +279,11 @@ def test_first_finished_unit_fixes_the_settings(tiny, tmp_path):
     same_output(reference, out)
     line = _one_line_error(embed_here(tiny, image, '--workers', '0', '--part-size', '7', out=out), 2)
     assert 'holds the output of another embedding run (part_size: 100000 there, 7 now)' in line
+    # the batch size decides no row: a smaller one resumes (after an out-of-memory failure, say)
+    (tmp_path / 'b.png').write_bytes(png(1, 0))
+    _ok(embed_here(tiny, image, tmp_path / 'b.png', '--workers', '0', '--batch-size', '4', out=out))
+    assert [json.loads(p.read_text())['batch_size'] for p in sorted((out / 'shards').iterdir())] == [32, 4]
+    assert sorted(read_folder(out)) == [str(image), str(tmp_path / 'b.png')]
 
 
 def test_a_shard_of_more_parts_than_a_thousand(tiny, tmp_path):
