@@ -162,7 +162,9 @@ def _listed(files_from: str) -> Iterator[Source]:
         raise InputError(f'--files-from {files_from}: {e.strerror or e}') from None
     for number, line in enumerate(lines, 1):
         path = os.fsdecode(line[:-1] if line.endswith(b'\r') else line)
-        if path.strip():
+        if os.path.isdir(path):
+            yield from _folder(path)
+        elif path.strip():
             yield _stat(path, f' (line {number} of --files-from {files_from})')
 
 

@@ -211,8 +211,21 @@ def _remove_unnamed(out: Path, kept: set[str]) -> None:
     remove_temporary_files(out / 'shards', RECORD_NAME)
     remove_temporary_files(out, TOP_FILES)
     for stale in (out / 'ranks').iterdir():  # the counts of an earlier run that did not end
-        if RECORD_NAME.fullmatch(stale.name) or (temporary_target(stale.name) or '').endswith('.json'):
+        if RECORD_NAME.fullmatch(stale.name):
             stale.unlink()
+    remove_temporary_files(out / 'ranks', RECORD_NAME)
+
+
+def _disjoint(records: list[dict]) -> list[dict]:
+    """The records in unit order, less any that names a source an earlier one holds (its unit is redone)."""
+    taken: set[str] = set()
+    kept = []
+    for record in records:
+        reals = {s.real for s in Unit.from_record(record).sources}
+        if not reals & taken:
+            kept.append(record)
+            taken |= reals
+    return kept
 
 
 @dataclass
@@ -228,7 +241,7 @@ def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_fr
     """Check the folder and list the job's units (call while holding the folder's lock; see the module doc)."""
     check_folder(out)
     notes: list[str] = []
-    records = _settled(out, settings, [r for r in read_records(out) if _intact(out, r)], notes)
+    records = _settled(out, settings, _disjoint([r for r in read_records(out) if _intact(out, r)]), notes)
     for sub in SUBFOLDERS:
         (out / sub).mkdir(exist_ok=True)
     units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,

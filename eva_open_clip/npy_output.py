@@ -10,7 +10,6 @@ FILE.paths.txt of another run (so no reader can pair the wrong rows and lines), 
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import struct
@@ -22,7 +21,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .data import IMAGE_KEYS, InputError, PixelLimits, Skip
-from .durable import TEMP_SUFFIX, OutputLock, fsync_dir, new_file_mode, stage, write_error, write_text
+from .durable import (TEMP_SUFFIX, OutputLock, fsync_dir, new_file_mode, stage, temporary_target, write_error,
+                      write_text)
 from .errors import UsageError
 from .inference import Encoder
 from .loader import Batch, DecodedBatches, UnitDataset
@@ -136,8 +136,9 @@ def embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike
                 _complete_commit(out)
         except (ValueError, KeyError):  # a journal cut short: it was not complete, so nothing was renamed
             _journal(out).unlink()
-        for target in (out, paths_file(out), _journal(out)):
-            for stale in out.parent.glob(f'.{glob.escape(target.name)}.*{TEMP_SUFFIX}'):
+        ours = {out.name, paths_file(out).name, _journal(out).name}
+        for stale in out.parent.iterdir():  # this tool's temporary files of these outputs, and nothing else
+            if temporary_target(stale.name) in ours:
                 stale.unlink()
         return _embed_to_npy(encoder, inputs, out, batch_size, text_file, files_from, workers, image_keys, limits)
 

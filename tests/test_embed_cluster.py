@@ -220,7 +220,7 @@ def test_remote_shards_through_webdataset_urls(tiny, tmp_path, http_server):
         assert result.returncode == 0, result.stderr[-3000:]
         same_rows(out, tmp_path / 'reference')
         units = [json.loads(line)['sources'] for line in (out / 'units.jsonl').read_text().splitlines()]
-        assert units == [[[url]] for url in listed]
+        assert units == [[{'path': url, 'real': url}] for url in listed]  # a URL is known by its text
 
 
 def test_an_unreadable_remote_shard_is_retried_by_the_next_run(tiny, tmp_path, http_server):

@@ -115,7 +115,9 @@ def test_npy_names_of_any_bytes_one_line_each(tiny, tmp_path):
     for i, name in enumerate(names):
         (folder / name).write_bytes(png(i, 2) if name != 'big.png' else _png_bytes(Image.new('RGB', (300, 300))))
     out = tmp_path / 'emb.npy'
+    (tmp_path / '.emb.npy.notes.tmp').write_text('mine')  # not a temporary file of this tool's: kept
     result = _ok(embed_here(tiny, folder, '--workers', '0', '--max-image-pixels', '50000', out=out))
+    assert (tmp_path / '.emb.npy.notes.tmp').read_text() == 'mine'
     assert 'skipped 1 sample(s): ' + str(folder / 'big.png') + ' (image_too_large)' in result.stderr
     lines = out.with_name('emb.paths.txt').read_text(encoding='utf-8').split('\n')
     array = np.load(out)
