@@ -124,6 +124,7 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
                           limits=PixelLimits(settings.max_image_pixels, settings.max_resized_pixels))
     first = None  # when the first batch was done: the rate excludes loading and start-up
     first_rows = 0
+    workers = min(workers, len(units))  # each worker decodes whole units: more would only start and wait
     batches = DecodedBatches(dataset, workers, encoder.device_type,
                              shm_prefetch(workers, batch_size * _image_bytes(encoder)))
     for batch in batches:

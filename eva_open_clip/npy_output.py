@@ -179,7 +179,8 @@ def _embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: Path, batch_size
                 print(duplicates.note(), file=sys.stderr)
             dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=image_keys, limits=limits)
             with progress_bar('img', total=sum(len(u.files) for u in units) or None) as progress:
-                for batch in _in_input_order(DecodedBatches(dataset, workers, encoder.device_type)):
+                decoding = DecodedBatches(dataset, min(workers, len(units)), encoder.device_type)
+                for batch in _in_input_order(decoding):
                     skipped += batch.skipped
                     if batch.pixels is not None:
                         rows.append(encoder.encode_pixels(batch.pixels).numpy())
