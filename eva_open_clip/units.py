@@ -95,8 +95,9 @@ def read_units(out: Path) -> list[Unit] | None:
         return None
 
 
-def _recorded(out: Path, done: dict[int, Unit]) -> tuple[list[Unit], str | None]:
-    """The done units, then the units.jsonl units that agree with them; a note when units.jsonl was not sound."""
+def _recorded(out: Path, done: dict[int, Unit]) -> tuple[list[Unit], list[Unit] | None, str | None]:
+    """The done units, then the units.jsonl units that agree with them; what units.jsonl holds (None when
+    damaged); a note when it was not sound."""
     listed = read_units(out)
     note = None
     if listed is None or (not listed and done):
@@ -109,7 +110,7 @@ def _recorded(out: Path, done: dict[int, Unit]) -> tuple[list[Unit], str | None]
             continue  # a done record says what that unit holds
         units[unit.index] = unit
         taken.update(s.real for s in unit.sources)
-    return [units[i] for i in sorted(units)], note
+    return [units[i] for i in sorted(units)], listed, note
 
 
 def plan_units(out: Path, inputs: Sequence[str], files_from: str | None, part_size: int,
@@ -117,7 +118,7 @@ def plan_units(out: Path, inputs: Sequence[str], files_from: str | None, part_si
     """The job's units (the recorded ones, then units of the sources added since; recorded anew if changed),
     the duplicate inputs dropped, and a note when units.jsonl had to be rebuilt."""
     current, duplicates = unique_sources(input_sources(inputs, files_from))
-    recorded, note = _recorded(out, done)
+    recorded, listed, note = _recorded(out, done)
     now = {s.real: s for s in current}
     remedy = f'restore it, or embed into a new --out folder (the inputs of {out} are listed in {out / UNITS_FILE})'
     for source in (s for unit in recorded for s in unit.sources):
@@ -131,8 +132,6 @@ def plan_units(out: Path, inputs: Sequence[str], files_from: str | None, part_si
     known = {s.real for unit in recorded for s in unit.sources}
     added = [s for s in current if s.real not in known]
     units = recorded + group_units(added, part_size, start=recorded[-1].index + 1 if recorded else 0)
-    text = ''.join(unit.record() + '\n' for unit in units)
-    path = out / UNITS_FILE
-    if not path.exists() or path.read_bytes() != text.encode('utf-8'):
-        write_text(path, text)
+    if units != listed:
+        write_text(out / UNITS_FILE, ''.join(unit.record() + '\n' for unit in units))
     return units, duplicates, note
