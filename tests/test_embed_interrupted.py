@@ -42,7 +42,7 @@ def test_interrupted_embed_leaves_previous_output(tmp_path):
 
 def test_scratch_of_a_killed_run_is_removed_and_rows_written_once(tmp_path):
     out = tmp_path / 'features.npy'
-    for stale in ('.features.npy.k1ll3d.tmp', '.features.paths.txt.k1ll3d.tmp'):
+    for stale in ('.features.npy.k1ll3d00.tmp', '.features.paths.txt.k1ll3d00.tmp'):
         (tmp_path / stale).write_bytes(b'left by a killed run')
     (tmp_path / '.other.npy.x.tmp').write_bytes(b'another output: left alone')
     rows, skipped = embed_to_npy(_Encoding(), [str(DATA / 'images')], out, batch_size=2)
