@@ -34,8 +34,13 @@ class WriteError(ToolError):
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _disk_full(folder: Path) -> bool:
-    """Whether the file system holding `folder` has (next to) no room left for this user."""
+def _disk_full(error: OSError, folder: Path) -> bool:
+    """Whether `error` means a full disk: its errno says so, or it has none (a short write, as numpy and
+    pyarrow report it) and the file system holding `folder` has (next to) no room left for this user."""
+    if error.errno in _FULL:
+        return True
+    if error.errno is not None:
+        return False
     try:
         stat = os.statvfs(folder)
     except OSError:
@@ -47,7 +52,7 @@ def write_error(path: Path, error: OSError, full: bool | None = None) -> WriteEr
     """One line for a failed write; `full`: whether the disk was found full (checked here when not given)."""
     path = Path(path)
     if full is None:
-        full = error.errno in _FULL or (error.errno is None and _disk_full(path.parent))
+        full = _disk_full(error, path.parent)
     if full:
         return WriteError(f'cannot write {path}: the disk is full ({error.strerror or error}): free some space '
                           f'and run the same command to resume')
@@ -93,7 +98,7 @@ def stage(path: Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
     except BaseException as e:
-        full = isinstance(e, OSError) and (e.errno in _FULL or e.errno is None and _disk_full(path.parent))
+        full = isinstance(e, OSError) and _disk_full(e, path.parent)  # before the partial file frees its room
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise write_error(path, e, full) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .data import IMAGE_KEYS, InputError, PixelLimits, Skip
-from .durable import (TEMP_SUFFIX, OutputLock, fsync_dir, new_file_mode, stage, temporary_target, write_error,
+from .durable import (TEMP_SUFFIX, OutputLock, fsync_dir, new_file_mode, remove_temporary_files, stage, write_error,
                       write_text)
 from .errors import UsageError
 from .inference import Encoder
@@ -136,10 +137,8 @@ def embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike
                 _complete_commit(out)
         except (ValueError, KeyError):  # a journal cut short: it was not complete, so nothing was renamed
             _journal(out).unlink()
-        ours = {out.name, paths_file(out).name, _journal(out).name}
-        for stale in out.parent.iterdir():  # this tool's temporary files of these outputs, and nothing else
-            if temporary_target(stale.name) in ours:
-                stale.unlink()
+        ours = '|'.join(re.escape(p.name) for p in (out, paths_file(out), _journal(out)))
+        remove_temporary_files(out.parent, re.compile(ours))
         return _embed_to_npy(encoder, inputs, out, batch_size, text_file, files_from, workers, image_keys, limits)
 
 
