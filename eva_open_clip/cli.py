@@ -72,8 +72,7 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _limits(args: argparse.Namespace):
-    from .data import PixelLimits
+def _limits(args: argparse.Namespace) -> PixelLimits:
     return PixelLimits(args.max_image_pixels, args.max_resized_pixels)
 
 
@@ -149,7 +148,8 @@ def _embed_folder(args: argparse.Namespace) -> int:
             image_keys=args.image_key.split(','), caption_key=args.caption_key,
             max_image_pixels=args.max_image_pixels, max_resized_pixels=args.max_resized_pixels)
         summary = embed_folder(lambda: _encoder(args, device), settings, args.inputs, args.files_from, out,
-                               _workers(args), args.batch_size, ranks, progress_interval=args.progress_interval, quiet=args.quiet)
+                               _workers(args), args.batch_size, ranks, progress_interval=args.progress_interval,
+                               quiet=args.quiet)
     except Interrupted as e:
         if ranks.rank == 0:
             units = read_units(out) or []

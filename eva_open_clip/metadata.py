@@ -34,7 +34,7 @@ FIXED_FIRST, FIXED_LAST = ('image_path', 'caption'), ('similarity',)
 _TYPES = {'bool': pa.bool_(), 'int': pa.int64(), 'float': pa.float64(), 'str': pa.string(), 'json': pa.string(),
           'null': pa.null()}
 _INT64 = (-2 ** 63, 2 ** 63 - 1)
-_RESERVED = re.compile(r'(json\.)*(image_path|caption|similarity)')
+_RESERVED = re.compile(r'(json\.)*(' + '|'.join(map(re.escape, FIXED_FIRST + FIXED_LAST)) + ')')
 MAX_DEPTH = 100
 
 
