@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from . import empty_build, mapped_checkpoint
+from .errors import UserError
 from .layout import convert_with_origin, is_released_layout, is_rotary_table, to_released_key, unwrap_state_dict
 
 _MAX_LISTED = 5
 StateDict = dict[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be loaded into the requested model."""
 
     def __init__(self, path: str | os.PathLike, problem: str):

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .inference import BUNDLED_IMAGE, Encoder, ToolError, batches, decode, image_files, warn_skipped
+from .checks import check_template
+from .errors import ToolError, UsageError
+from .inference import Encoder, batches, decode, warn_skipped
 
 README_LABELS = ('a diagram', 'a dog', 'a cat')
 
@@ -14,23 +16,30 @@ def read_labels(labels: Sequence[str] | None, labels_file: str | None) -> list[s
     """Labels from the command line and/or a file (one per line); the original example's by default."""
     found = list(labels or [])
     if labels_file:
-        found += [line.strip() for line in Path(labels_file).read_text(encoding='utf-8').splitlines() if line.strip()]
+        try:
+            text = Path(labels_file).read_text(encoding='utf-8')
+        except OSError as e:
+            raise UsageError(f'--labels-file {labels_file}: {e.strerror or e}') from None
+        except UnicodeDecodeError:
+            raise UsageError(f'--labels-file {labels_file}: not UTF-8 text') from None
+        found += [line.strip() for line in text.splitlines() if line.strip()]
     if not found and labels is None and labels_file is None:
         return list(README_LABELS)
     if not found:
-        raise ToolError('no labels given')
+        raise UsageError(f'--labels-file {labels_file}: holds no label' if labels_file else 'no labels given')
     return found
 
 
-def classify(encoder: Encoder, images: Sequence[str], labels: list[str], template: str = '{}',
+def classify(encoder: Encoder, paths: Sequence[Path], labels: list[str], template: str = '{}',
              top_k: int | None = None, batch_size: int = 16) -> list[dict]:
-    """[{"image": path, "labels": [{"label", "prob"}, ...]}], most probable first.
+    """[{"image": path, "labels": [{"label", "prob"}, ...]}] for image files, most probable first.
 
-    Probabilities are softmax(logit_scale.exp() * cosine similarity) over the labels.
+    Probabilities are softmax(logit_scale.exp() * cosine similarity) over the labels. Images that
+    cannot be decoded are named in a warning; when none can be, it is a `ToolError`.
     """
-    if '{}' not in template:
-        raise ToolError(f"--template must contain '{{}}' where the label goes, got {template!r}")
-    paths = image_files(images) if images else [BUNDLED_IMAGE]
+    check_template(template)
+    if not paths:
+        raise UsageError('no images given')
     text = encoder.texts([template.format(label) for label in labels])
     scale = encoder.logit_scale()
     k = min(top_k or len(labels), len(labels))
@@ -45,6 +54,8 @@ def classify(encoder: Encoder, images: Sequence[str], labels: list[str], templat
             values, indices = row.topk(k)
             results.append({'image': str(path), 'labels': [
                 {'label': labels[i], 'prob': float(v)} for v, i in zip(values.tolist(), indices.tolist())]})
+    if not results:
+        raise ToolError(f'none of the {len(paths)} image(s) could be decoded, e.g. {skipped[0]}')
     warn_skipped(skipped)
     return results
 

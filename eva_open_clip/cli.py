@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import signal
 import sys
@@ -10,9 +11,19 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .data import CAPTION_KEY, IMAGE_KEYS, PixelLimits
-from .errors import ToolError, UsageError
-from .runner import USAGE as RUN_USAGE, run_target
+from .checks import (REGISTER_FORM, check_device, check_model, check_pretrained_option, check_template,
+                     register_option)
+from .embed_defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
+from .errors import UsageError, UserError
+from .progress import plural
+from .runner import RUN_DESCRIPTION, RUN_USAGE, run_target, split_run_args
+
+
+def _register(registrations: Sequence[str] | None) -> None:
+    """Register each `--register NAME=CONFIG.json` (a ConfigError is exit status 2)."""
+    from .registry import register_eva_model
+    for text in registrations or ():
+        register_eva_model(*register_option(text))
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -20,19 +31,37 @@ def _convert(args: argparse.Namespace) -> int:
     from .registry import register_eva_model
     if args.config:
         if not args.model:
-            raise SystemExit('eva-open-clip convert: --config needs --model NAME to register it under')
+            raise UsageError('--config needs --model NAME to register it under')
         register_eva_model(args.model, args.config)
+    if args.model:
+        check_model(args.model)
     out = export_folder(args.checkpoint, args.out_dir, model_name=args.model, force=args.force)
     print(f'wrote {out}')
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models_table import format_models, model_rows
+    rows = model_rows()
+    print(json.dumps(rows, indent=2) if args.json else format_models(rows))
     return 0
 
 
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16')
 
 
+def _check_model_options(args: argparse.Namespace) -> None:
+    """The model options' usage errors, before any tool module is imported or the model loaded."""
+    check_model(args.model)
+    args.pretrained = check_pretrained_option(args.model, args.pretrained)
+    if int(os.environ.get('WORLD_SIZE', 1)) == 1:  # under torchrun each rank's device is checked once known
+        check_device(args.device)
+
+
 def _encoder(args: argparse.Namespace, device: str | None = None):
+    from .checks import default_device
     from .cpu_memory import keep_freed_memory
-    from .inference import Encoder, default_device, load_model
+    from .inference import Encoder, load_model
     device = device or args.device or default_device()
     model, preprocess, tokenizer = load_model(args.model, args.pretrained, device, args.precision)
     if device == 'cpu':
@@ -41,38 +70,63 @@ def _encoder(args: argparse.Namespace, device: str | None = None):
 
 
 def _classify(args: argparse.Namespace) -> int:
+    _check_model_options(args)
+    check_template(args.template)
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError('--top-k must be at least 1')
     from .classify import classify, print_results, read_labels
+    from .inference import BUNDLED_IMAGE, image_files
     labels = read_labels(args.labels, args.labels_file)
-    results = classify(_encoder(args), args.images, labels, template=args.template, top_k=args.top_k)
+    paths = image_files(args.images) if args.images else [BUNDLED_IMAGE]
+    results = classify(_encoder(args), paths, labels, template=args.template, top_k=args.top_k)
     print_results(results, args.json)
     return 0
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from .npy_output import embed_to_npy, paths_file
     if not args.inputs and not args.text_file and not args.files_from:
         raise UsageError('give images, folders, tar shards, --files-from LIST or --text-file FILE')
-    _stop_on_signals()
     for name in ('batch_size', 'part_size', 'max_image_pixels', 'max_resized_pixels'):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers is not None and args.workers < 0:
         raise UsageError('--workers must be 0 or more')
-    if not args.out.endswith('.npy'):
-        return _embed_folder(args)
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+    npy = args.out.endswith('.npy')
+    if npy and int(os.environ.get('WORLD_SIZE', 1)) > 1:
         raise UsageError('--out FILE.npy is written by one process: under torchrun give --out DIR')
-    if args.captions:
+    if npy and args.captions:
         raise UsageError('--captions writes the folder layout: give --out DIR')
-    rows, skipped = embed_to_npy(_encoder(args), args.inputs, args.out, batch_size=args.batch_size,
+    if not npy and args.text_file:
+        raise UsageError('--text-file writes one FILE.npy: give --out FILE.npy')
+    if args.text_file and (args.inputs or args.files_from):
+        raise UsageError('--text-file embeds the lines of one file: give no images, folders or --files-from')
+    _check_model_options(args)
+    _stop_on_signals()
+    if not npy:
+        return _embed_folder(args)
+    from .npy_output import embed_to_npy, paths_file
+    rows, skipped = embed_to_npy(lambda: _encoder(args), args.inputs, args.out, batch_size=args.batch_size,
                                  text_file=args.text_file, files_from=args.files_from, workers=_workers(args),
-                                 image_keys=args.image_key.split(','), limits=_limits(args))
+                                 image_keys=args.image_key.split(','), limits=_limits(args), quiet=args.quiet,
+                                 progress_interval=args.progress_interval)
     _warn_skipped(skipped)
-    print(f'wrote {rows} rows to {args.out} and {paths_file(Path(args.out))}', file=sys.stderr)
+    reasons: dict[str, int] = {}
+    for skip in skipped:
+        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
+    print(f'embedded {plural(rows, "sample")} into {args.out} and {paths_file(Path(args.out))} '
+          f'({_skipped(reasons)})', file=sys.stderr)
     return 0
 
 
-def _limits(args: argparse.Namespace) -> PixelLimits:
+def _skipped(reasons: dict[str, int]) -> str:
+    """'none skipped', or '3 skipped: bad_json 1, image_too_large 2'."""
+    if not reasons:
+        return 'none skipped'
+    return f'{sum(reasons.values())} skipped: ' + ', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))
+
+
+def _limits(args: argparse.Namespace):
+    from .data import PixelLimits
     return PixelLimits(args.max_image_pixels, args.max_resized_pixels)
 
 
@@ -87,18 +141,6 @@ def _warn_skipped(skipped: list) -> None:
 def _workers(args: argparse.Namespace) -> int:
     from .loader import default_workers
     return default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if args.workers is None else args.workers
-
-
-def rank_device(device: str | None, local_rank: int, local_world_size: int, cuda: bool) -> str | None:
-    """The device of one torchrun rank: `cuda` (or none given, with CUDA present) means cuda:LOCAL_RANK."""
-    if device is None:
-        return f'cuda:{local_rank}' if cuda else None
-    if device == 'cuda':
-        return f'cuda:{local_rank}'
-    if device.startswith('cuda:') and local_world_size > 1:
-        raise UsageError(f'--device {device} would put all {local_world_size} ranks of this node on one GPU: '
-                         f'give --device cuda (each rank takes cuda:LOCAL_RANK)')
-    return device
 
 
 class Interrupted(BaseException):
@@ -124,17 +166,16 @@ def _embed_folder(args: argparse.Namespace) -> int:
     """The folder layout, on one process or on every rank of a torchrun/srun launch."""
     import torch
     import torch.distributed as dist
+    from .checks import rank_device
     from .embed import Ranks, embed_folder
-    from .folder import FolderSettings, done_units
-    from .inference import default_pretrained
+    from .folder import FolderSettings, done_count
     from .units import read_units
-    if args.text_file:
-        raise UsageError('--text-file writes one FILE.npy: give --out FILE.npy')
     ranks = Ranks(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)))
     device = args.device
     if ranks.world_size > 1:
         device = rank_device(device, int(os.environ.get('LOCAL_RANK', 0)),
                              int(os.environ.get('LOCAL_WORLD_SIZE', 1)), torch.cuda.is_available())
+        check_device(device)
         if device and device.startswith('cuda'):
             torch.cuda.set_device(device)
         # the only collective waits for rank 0 to list the inputs, which may take a while on a slow file system
@@ -143,7 +184,7 @@ def _embed_folder(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         settings = FolderSettings(
-            model=args.model, pretrained=args.pretrained or default_pretrained(args.model) or '',
+            model=args.model, pretrained=args.pretrained,
             precision=args.precision, part_size=args.part_size, captions=args.captions,
             image_keys=args.image_key.split(','), caption_key=args.caption_key,
             max_image_pixels=args.max_image_pixels, max_resized_pixels=args.max_resized_pixels)
@@ -153,8 +194,8 @@ def _embed_folder(args: argparse.Namespace) -> int:
     except Interrupted as e:
         if ranks.rank == 0:
             units = read_units(out) or []
-            print(f'eva-open-clip embed: interrupted after {len(done_units(out)) if units else 0} of {len(units)} '
-                  f'units; run the same command to resume', file=sys.stderr)
+            print(f'eva-open-clip embed: interrupted after {done_count(out) if units else 0} of '
+                  f'{plural(len(units), "unit")}; run the same command to resume', file=sys.stderr)
         return 128 + e.signum
     finally:
         if ranks.world_size > 1:
@@ -162,19 +203,19 @@ def _embed_folder(args: argparse.Namespace) -> int:
     if summary is None:
         return 0
     ranks_counts = summary['ranks']
-    print(f"embedded {summary['rows']} samples of {summary['units']} units into {args.out} "
-          f"({summary['skipped']} skipped: {summary['skipped_by_reason'] or 'none'}); this run: "
-          f"{sum(r['rows'] for r in ranks_counts)} samples on {ranks.world_size} rank(s)"
+    print(f"embedded {plural(summary['rows'], 'sample')} of {plural(summary['units'], 'unit')} into {args.out} "
+          f"({_skipped(summary['skipped_by_reason'])}); this run: "
+          f"{plural(sum(r['rows'] for r in ranks_counts), 'sample')} on {plural(ranks.world_size, 'rank')}"
           f"{_rate(ranks_counts)}", file=sys.stderr)
     unreadable = [u for r in ranks_counts for u in r['unreadable']]
     if unreadable:
         first = unreadable[0]
-        print(f"eva-open-clip embed: {len(unreadable)} shard(s) could not be read, e.g. {first['source']}: "
+        print(f"eva-open-clip embed: {plural(len(unreadable), 'shard')} could not be read, e.g. {first['source']}: "
               f"{first['detail']}; they are not marked done: run the same command to try them again", file=sys.stderr)
         return 1
     if summary['rows'] == 0:
         print('eva-open-clip embed: no sample could be embedded'
-              + (f" (skipped by reason: {summary['skipped_by_reason']}; check --image-key and --caption-key)"
+              + (f" ({_skipped(summary['skipped_by_reason'])}; check --image-key and --caption-key)"
                  if summary['skipped'] else ''), file=sys.stderr)
         return 1
     return 0
@@ -191,11 +232,19 @@ def _rate(ranks: list[dict]) -> str:
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('model')
-    group.add_argument('--model', default='EVA_CLIP_g_14', help='registered model name (default: %(default)s)')
+    group.add_argument('--model', default='EVA_CLIP_g_14',
+                       help='model name (default: %(default)s; `eva-open-clip models` lists the EVA-CLIP ones)')
     group.add_argument('--pretrained', default=None,
                        help="checkpoint path or pretrained tag (default: the model's hub tag, downloaded once)")
     group.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
     group.add_argument('--precision', default='fp32', choices=PRECISIONS, help='(default: %(default)s)')
+    _register_option(group)
+
+
+def _register_option(parser) -> None:
+    parser.add_argument('--register', action='append', default=None, metavar=REGISTER_FORM,
+                        help='register a custom EVA-CLIP config as model NAME (repeatable), e.g. '
+                             '--register tiny=tiny.json --model tiny')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,7 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument('--config', default=None,
                          help='EVA-CLIP config (JSON) of a custom architecture, registered as --model')
     convert.add_argument('--force', action='store_true', help='replace a non-empty OUT_DIR')
+    _register_option(convert)
     convert.set_defaults(func=_convert)
+
+    models = sub.add_parser('models', help='list the EVA-CLIP models, their tags and hub files, and what is cached',
+                            description='The registered EVA-CLIP models (with --register, custom ones too): name, '
+                                        'pretrained tag, parameters, the released file on the Hugging Face hub '
+                                        'and its size, and whether that file is in the local hub cache (where a '
+                                        "tag's download puts it). Nothing is downloaded.")
+    models.add_argument('--json', action='store_true', help='print JSON, with the cached file\'s path')
+    _register_option(models)
+    models.set_defaults(func=_models)
 
     classify = sub.add_parser(
         'classify', help='zero-shot classification of images against text labels',
@@ -255,11 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='webdataset image keys, comma-separated, first found wins (default: %(default)s)')
     embed.add_argument('--caption-key', default=CAPTION_KEY, help='webdataset caption key (default: %(default)s)')
     embed.add_argument('--text-file', default=None, help='embed the lines of this file instead of images')
-    limits = PixelLimits()
-    embed.add_argument('--max-image-pixels', type=int, default=limits.decoded,
+    embed.add_argument('--max-image-pixels', type=int, default=MAX_IMAGE_PIXELS,
                        help='skip (reason image_too_large) an image of more pixels, found from its header before '
                             "decoding (default: %(default)s, PIL's decompression-bomb guard)")
-    embed.add_argument('--max-resized-pixels', type=int, default=limits.resized,
+    embed.add_argument('--max-resized-pixels', type=int, default=MAX_RESIZED_PIXELS,
                        help='skip (reason image_too_large) an image whose short side resized to the model\'s '
                             'image size gives more pixels (default: %(default)s: aspect ratios up to about 330:1 '
                             'at 224 px)')
@@ -270,34 +328,41 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(func=_embed)
 
     sub.add_parser('run', help='run a module or script with the EVA models registered', usage=RUN_USAGE,
-                   prog='eva-open-clip run', description='Like `python -m MODULE ARGS` (or `python SCRIPT ARGS`), after registering the '
-                               'EVA models, e.g. `eva-open-clip run -m open_clip_train.main --model '
-                               'EVA_CLIP_g_14 ...`. --register NAME=CONFIG.json (repeatable) also registers a custom '
-                               'EVA-CLIP config. Arguments and exit codes pass through untouched.',
-                   add_help=False)
+                   prog='eva-open-clip run', description=RUN_DESCRIPTION, add_help=False)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == 'run':  # everything after the target belongs to the target
-        if argv[1:] in (['-h'], ['--help']):
-            run_parser = build_parser()._subparsers._group_actions[0].choices['run']
-            run_parser.print_help()
-            return 0
-        run_target(argv[1:])
+def _run(argv: list[str]) -> int:
+    """`eva-open-clip run`: everything after the target belongs to the target, exit status included."""
+    if argv in (['-h'], ['--help']):
+        argparse.ArgumentParser(prog='eva-open-clip run', usage=RUN_USAGE, description=RUN_DESCRIPTION,
+                                add_help=False).print_help()
         return 0
-    args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .versions import UnsupportedVersion
     try:
+        registrations, target = split_run_args(argv)
+        _register(registrations)
+    except UserError as e:
+        print(f'eva-open-clip run: {e}', file=sys.stderr)
+        return e.exit_code
+    run_target(target)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: every UserError becomes one line on standard error and its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == 'run':
+        return _run(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        _register(getattr(args, 'register', None))
         return args.func(args)
-    except ToolError as e:
+    except UserError as e:
         print(f'eva-open-clip {args.command}: {e}', file=sys.stderr)
         return e.exit_code
     except Interrupted as e:
         print(f'eva-open-clip {args.command}: interrupted', file=sys.stderr)
         return 128 + e.signum
-    except (CheckpointError, FileExistsError, UnsupportedVersion) as e:
-        print(f'eva-open-clip {args.command}: {e}', file=sys.stderr)
-        return 1
+    except BrokenPipeError:  # the reader of standard output stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from .errors import UserError
+
 ConfigLike = Union[Mapping[str, Any], str, Path]
 
 # Keys that only select kernels in the EVA-CLIP code (xformers attention, apex LayerNorm).
@@ -51,8 +53,10 @@ STOCK_TIMM_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
-    """An EVA-CLIP config that cannot be represented exactly."""
+class ConfigError(UserError, ValueError):
+    """An EVA-CLIP config that cannot be read or represented exactly (found before any work: exit status 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,13 @@ class EvaSpec:
 def read_config(config: ConfigLike) -> dict[str, Any]:
     """Return the config as a dict, reading it from a JSON file when given a path."""
     if isinstance(config, (str, Path)):
-        with open(config, encoding='utf-8') as f:
-            return json.load(f)
+        try:
+            with open(config, encoding='utf-8') as f:
+                return json.load(f)
+        except OSError as e:
+            raise ConfigError(f'{config}: {e.strerror or e}') from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f'{config}: not a JSON file ({e})') from None
     return json.loads(json.dumps(dict(config)))  # deep, JSON-normalized copy
 
 

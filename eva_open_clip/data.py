@@ -36,12 +36,11 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from . import metadata
+from .embed_defaults import IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
 from .errors import UsageError
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
 SHARD_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
-IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
-CAPTION_KEY = 'txt'
 _PATTERN_CHARS = set('{*?[')
 UNREADABLE = 'unreadable_shard'
 MAX_MEMBER_BYTES = 1 << 30  # a larger member is not read: its sample is a `member_too_large` skip
@@ -440,8 +439,8 @@ class PixelLimits:
     330:1 at 224 px (a 1x10000 strip would resize to 224x2240000).
     """
 
-    decoded: int = 89_478_485
-    resized: int = 4096 * 4096
+    decoded: int = MAX_IMAGE_PIXELS
+    resized: int = MAX_RESIZED_PIXELS
     side: int = 224
 
     def check(self, width: int, height: int) -> None:

@@ -19,10 +19,11 @@ from typing import Any, Callable, Sequence
 from .data import PixelLimits
 from .durable import OutputLock, write_text
 from .errors import ToolError, UsageError
-from .folder import FolderSettings, FolderWriter, check_folder, done_units, finish_folder, prepare, rank_record
+from .folder import (FolderSettings, FolderWriter, check_folder, done_count, done_units, finish_folder, prepare,
+                     rank_record)
 from .inference import Encoder
 from .loader import DecodedBatches, UnitDataset, shm_prefetch
-from .progress import JobProgress
+from .progress import Progress
 from .units import read_units
 
 
@@ -81,7 +82,8 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         units = read_units(out) or []
         done = done_units(out)
         mine = [u for u in units if u.index % ranks.world_size == ranks.rank and u.index not in done]
-        progress = JobProgress(out / 'shards', len(units), progress_interval, enabled=ranks.rank == 0 and not quiet)
+        progress = Progress(len(units), 'unit', lambda: done_count(out), progress_interval,
+                            enabled=ranks.rank == 0 and not quiet)
         try:
             counts = _embed_units(load_encoder, settings, mine, out, workers, batch_size, progress) if mine else \
                 dict(units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None, input_wait_s=0.0, model_loaded=False,
@@ -115,7 +117,7 @@ def _image_bytes(encoder: Encoder) -> int:
 
 
 def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list, out: Path,
-                 workers: int, batch_size: int, progress: JobProgress) -> dict:
+                 workers: int, batch_size: int, progress: Progress) -> dict:
     encoder = load_encoder()
     writer = FolderWriter(out, settings, units, batch_size)
     dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=settings.image_keys,
@@ -140,5 +142,6 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     rows = sum(r['rows'] for r in writer.finished)
     seconds = time.perf_counter() - first if first is not None else 0.0
     return dict(units=len(writer.finished), rows=rows, skipped=sum(len(r['skipped']) for r in writer.finished),
-                seconds=seconds, images_per_s=(rows - first_rows) / seconds if seconds > 0 else None,
+                seconds=seconds,
+                images_per_s=(rows - first_rows) / seconds if seconds > 0 and rows > first_rows else None,
                 input_wait_s=batches.waited, model_loaded=True, unreadable=writer.unreadable)

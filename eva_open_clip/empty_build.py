@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -125,5 +126,14 @@ def meta_model(name: str, **kwargs) -> nn.Module:
     releases read values while building, e.g. drop-path rates).
     """
     import open_clip
-    with empty_build('meta'):
-        return open_clip.create_model(name, device='meta', **kwargs)
+    root = logging.getLogger()
+    root.addFilter(_no_random_init_warning)  # open_clip's "initialized randomly": a meta model holds no values
+    try:
+        with empty_build('meta'):
+            return open_clip.create_model(name, device='meta', **kwargs)
+    finally:
+        root.removeFilter(_no_random_init_warning)
+
+
+def _no_random_init_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('No pretrained weights loaded')

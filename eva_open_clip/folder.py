@@ -204,6 +204,8 @@ def _remove_unnamed(out: Path, kept: set[str]) -> None:
     """Remove this tool's part files that no done record names, and its temporary files; nothing else."""
     for sub, names in PART_FOLDERS.items():
         folder = out / sub
+        if not folder.is_dir():
+            continue
         for path in folder.iterdir():
             if names.fullmatch(path.name) and f'{sub}/{path.name}' not in kept:
                 path.unlink()
@@ -243,7 +245,8 @@ def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_fr
     notes: list[str] = []
     records = _settled(out, settings, _disjoint([r for r in read_records(out) if _intact(out, r)]), notes)
     for sub in SUBFOLDERS:
-        (out / sub).mkdir(exist_ok=True)
+        if sub != 'text_emb' or settings.captions:  # no empty text_emb/ without --captions
+            (out / sub).mkdir(exist_ok=True)
     units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,
                                          {r['unit']: Unit.from_record(r) for r in records})
     done = {_record_path(out, r['unit']).name for r in records}
@@ -256,6 +259,11 @@ def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_fr
 
 def done_units(out: Path) -> frozenset[int]:
     return frozenset(r['unit'] for r in read_records(out))
+
+
+def done_count(out: Path) -> int:
+    """How many units are done (their records are there), without reading the records."""
+    return len(_record_paths(out))
 
 
 @dataclass

@@ -9,58 +9,65 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import open_clip
 import torch
-from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
+from open_clip.pretrained import get_pretrained_cfg
 from PIL import Image
 
 from . import data
-from .errors import ToolError
+from .checks import check_model, check_pretrained_option
+from .errors import ToolError, UsageError, UserError
+from .hub import ensure_downloaded
 
 BUNDLED_IMAGE = Path(__file__).parent / 'assets' / 'CLIP.png'
 
 
-def default_device() -> str:
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
-
-
-def default_pretrained(model_name: str) -> str | None:
-    """The model's first pretrained tag (the released weights on the hub), if it has one."""
-    tags = list_pretrained_tags_by_model(model_name)
-    return tags[0] if tags else None
-
-
-def _ensure_downloaded(model_name: str, tag: str) -> None:
-    cfg = get_pretrained_cfg(model_name, tag)
-    try:
-        download_pretrained(cfg)  # huggingface_hub shows its progress bar; later runs use its cache
-    except Exception as e:
-        filename = cfg.get('hf_hub', '').rsplit('/', 1)[-1] or 'the checkpoint'
-        raise ToolError(
-            f"could not download {cfg.get('hf_hub')} for --pretrained {tag}: the Hugging Face hub is not "
-            f"reachable (offline?) and no copy is cached ({type(e).__name__}). Download {filename} where "
-            f"there is network and pass --pretrained /path/to/{filename}") from None
-
-
 def load_model(model_name: str, pretrained: str | None, device: str, precision: str):
-    """(model in eval mode, inference transform, tokenizer) for a registered model and a tag or path."""
-    if model_name not in open_clip.list_models():
-        raise ToolError(f"unknown model '{model_name}'")
-    pretrained = pretrained or default_pretrained(model_name)
-    if not pretrained:
-        raise ToolError(f"'{model_name}' has no pretrained tag: pass --pretrained /path/to/checkpoint")
+    """(model in eval mode, inference transform, tokenizer) for a registered model and a tag or path.
+
+    A tag's file is downloaded first (failing at once when the hub cannot be reached). What open_clip
+    or timm raise for a file of another architecture is said in one line naming both.
+    """
+    check_model(model_name)
+    pretrained = check_pretrained_option(model_name, pretrained)
     if get_pretrained_cfg(model_name, pretrained):
-        _ensure_downloaded(model_name, pretrained)
-    elif not os.path.isfile(pretrained):
-        raise ToolError(f"--pretrained {pretrained}: not a file, nor a tag of {model_name} "
-                        f"({', '.join(list_pretrained_tags_by_model(model_name)) or 'none'})")
-    model, preprocess = open_clip.create_model_from_pretrained(
-        model_name, pretrained=pretrained, device=device, precision=precision)
+        ensure_downloaded(model_name, pretrained)
+    try:
+        model, preprocess = open_clip.create_model_from_pretrained(
+            model_name, pretrained=pretrained, device=device, precision=precision)
+    except UserError:
+        raise
+    except (AssertionError, KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if 'out of memory' in first.lower():
+            raise ToolError(f'out of memory loading {model_name} on {device} ({first}): try --precision bf16, '
+                            f'or a machine with more memory') from None
+        raise ToolError(f'--pretrained {pretrained} does not fit --model {model_name} ({type(e).__name__}: '
+                        f'{first}){_fitting_model(pretrained)}') from None
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
+def _fitting_model(path: str) -> str:
+    """'; its keys and shapes are those of X: give --model X' for a released-layout file, if one fits."""
+    from .checkpoint import read_state_dict
+    from .export import detect_model
+    try:
+        found = detect_model(read_state_dict(path)) if os.path.isfile(path) else None
+    except (UserError, ValueError, KeyError):
+        found = None
+    if found:
+        return f'; its keys and shapes are those of {found}: give --model {found}'
+    return '; give the --model it was made for (a custom architecture: --register NAME=CONFIG.json --model NAME)'
+
+
 def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, and image files found under folders (recursively, in path order), each once."""
+    """Files as given, and image files found under folders (recursively, in path order), each once.
+
+    Tar shards are refused: they are `embed`'s inputs."""
     sources, _ = data.unique_sources(data.input_sources([str(p) for p in paths], None))
-    return [Path(s.path) for s in sources if not s.is_shard]
+    shards = [s for s in sources if s.is_shard]
+    if shards:
+        raise UsageError(f'{shards[0].path} is a tar shard: classify takes image files and folders of them '
+                         f'(`eva-open-clip embed` reads shards)')
+    return [Path(s.path) for s in sources]
 
 
 def _opened(path: Path) -> Image.Image | None:

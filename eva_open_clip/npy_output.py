@@ -17,18 +17,18 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .data import IMAGE_KEYS, InputError, PixelLimits, Skip
 from .durable import (TEMP_SUFFIX, OutputLock, fsync_dir, new_file_mode, remove_temporary_files, stage, write_error,
                       write_text)
-from .errors import UsageError
+from .errors import ToolError, UsageError
 from .inference import Encoder
 from .loader import Batch, DecodedBatches, UnitDataset
 from .names import name_text
-from .progress import progress_bar
+from .progress import Progress, plural
 from .units import list_units
 
 
@@ -121,13 +121,16 @@ def _commit_pair(array: Path, paths: Path, out: Path) -> None:
     _complete_commit(out)
 
 
-def embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike, batch_size: int = 32,
-                 text_file: str | None = None, files_from: str | None = None, workers: int = 0,
-                 image_keys: Sequence[str] = IMAGE_KEYS, limits: PixelLimits | None = None) -> tuple[int, list[Skip]]:
+def embed_to_npy(load_encoder: Callable[[], Encoder], inputs: Sequence[str], out: str | os.PathLike,
+                 batch_size: int = 32, text_file: str | None = None, files_from: str | None = None, workers: int = 0,
+                 image_keys: Sequence[str] = IMAGE_KEYS, limits: PixelLimits | None = None,
+                 quiet: bool = False, progress_interval: float | None = None) -> tuple[int, list[Skip]]:
     """Write FILE.npy and FILE.paths.txt; return the number of rows and the samples skipped.
 
-    One job at a time writes an output (its lock, `.FILE.npy.lock`); a commit that a killed job left
-    half done is completed, and the temporary files it left beside the outputs are removed, first.
+    The inputs are listed (or the text file read) before `load_encoder` is called, so that a mistake in
+    them is found before the model is loaded. One job at a time writes an output (its lock,
+    `.FILE.npy.lock`); a commit that a killed job left half done is completed, and the temporary files it
+    left beside the outputs are removed, first.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +142,18 @@ def embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: str | os.PathLike
             _journal(out).unlink()
         ours = '|'.join(re.escape(p.name) for p in (out, paths_file(out), _journal(out)))
         remove_temporary_files(out.parent, re.compile(ours))
-        return _embed_to_npy(encoder, inputs, out, batch_size, text_file, files_from, workers, image_keys, limits)
+        if text_file:
+            lines = _text_lines(text_file)
+            if not lines:
+                raise UsageError(f'--text-file {text_file}: holds no line of text')
+            progress = Progress(len(lines), 'text', interval=progress_interval, enabled=not quiet)
+            return _embed_lines(load_encoder(), lines, out, batch_size, progress)
+        units, duplicates = list_units(inputs, files_from, 10_000)
+        if duplicates.note():
+            print(duplicates.note(), file=sys.stderr)
+        progress = Progress(sum(len(u.files) for u in units) or None, 'image', interval=progress_interval,
+                            enabled=not quiet)
+        return _embed_images(load_encoder(), units, out, batch_size, workers, image_keys, limits, progress)
 
 
 def _text_lines(text_file: str) -> list[str]:
@@ -159,38 +173,45 @@ def _text_lines(text_file: str) -> list[str]:
     return lines
 
 
-def _embed_to_npy(encoder: Encoder, inputs: Sequence[str], out: Path, batch_size: int, text_file: str | None,
-                  files_from: str | None, workers: int, image_keys: Sequence[str],
-                  limits: PixelLimits | None) -> tuple[int, list[Skip]]:
+def _embed_lines(encoder: Encoder, lines: list[str], out: Path, batch_size: int,
+                 progress: Progress) -> tuple[int, list[Skip]]:
+    rows = _Rows(out)
+    try:
+        for start in range(0, len(lines), batch_size):
+            chunk = lines[start:start + batch_size]
+            rows.append(encoder.texts(chunk).numpy())
+            progress.update(len(chunk))
+        _commit(rows, lines, out)
+    finally:
+        progress.close()
+        rows.discard()
+    return len(lines), []
+
+
+def _embed_images(encoder: Encoder, units: list, out: Path, batch_size: int, workers: int,
+                  image_keys: Sequence[str], limits: PixelLimits | None, progress: Progress) -> tuple[int, list[Skip]]:
     rows, keys, skipped = _Rows(out), [], []
     try:
-        if text_file:
-            lines = _text_lines(text_file)
-            with progress_bar('text', total=len(lines)) as progress:
-                for start in range(0, len(lines), batch_size):
-                    chunk = lines[start:start + batch_size]
-                    rows.append(encoder.texts(chunk).numpy())
-                    keys += chunk
-                    progress.update(len(chunk))
-        else:
-            units, duplicates = list_units(inputs, files_from, 10_000)
-            if duplicates.note():
-                print(duplicates.note(), file=sys.stderr)
-            dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=image_keys, limits=limits)
-            with progress_bar('img', total=sum(len(u.files) for u in units) or None) as progress:
-                decoding = DecodedBatches(dataset, min(workers, len(units)), encoder.device_type)
-                for batch in _in_input_order(decoding):
-                    skipped += batch.skipped
-                    if batch.pixels is not None:
-                        rows.append(encoder.encode_pixels(batch.pixels).numpy())
-                        keys += batch.keys
-                    progress.update(len(batch.keys) + len(batch.skipped))
+        dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=image_keys, limits=limits)
+        decoding = DecodedBatches(dataset, min(workers, len(units)), encoder.device_type)
+        for batch in _in_input_order(decoding):
+            skipped += batch.skipped
+            if batch.pixels is not None:
+                rows.append(encoder.encode_pixels(batch.pixels).numpy())
+                keys += batch.keys
+            progress.update(len(batch.keys) + len(batch.skipped))
         if not keys:
-            raise UsageError('no input could be decoded' if skipped else 'nothing to embed')
-        array = rows.finish()
-        paths = stage(paths_file(out), lambda p: p.write_text(''.join(f'{name_text(k)}\n' for k in keys),
-                                                             encoding='utf-8'))
-        _commit_pair(array, paths, out)
+            raise ToolError(f'no input could be decoded ({plural(len(skipped), "sample")} skipped)' if skipped
+                            else 'nothing to embed')
+        _commit(rows, keys, out)
     finally:
+        progress.close()
         rows.discard()
     return len(keys), skipped
+
+
+def _commit(rows: _Rows, keys: list, out: Path) -> None:
+    array = rows.finish()
+    paths = stage(paths_file(out), lambda p: p.write_text(''.join(f'{name_text(k)}\n' for k in keys),
+                                                         encoding='utf-8'))
+    _commit_pair(array, paths, out)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from typing import Any, Callable
 
 import open_clip
@@ -41,6 +42,7 @@ from timm.models.eva import Eva
 from torch.nn.modules.module import _IncompatibleKeys
 
 from . import checkpoint, empty_build, versions
+from .errors import did_you_mean
 from .tower import is_eva_tower_name
 
 _WRAPPED = '__eva_open_clip_wrapped__'
@@ -60,6 +62,19 @@ def add_pretrained_tag(name: str, tag: str, hub_file: str) -> None:
     oc_pretrained._PRETRAINED.setdefault(name, {})[tag] = dict(
         url='', hf_hub=hub_file, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD,
         interpolation='bicubic', resize_mode='shortest', quick_gelu=False)
+
+
+def check_pretrained(name: str, pretrained: str) -> None:
+    """Raise `CheckpointError` unless `pretrained` is a tag of model `name` or a checkpoint file, saying which
+    tags there are (and the closest) for a misspelled tag."""
+    if oc_pretrained.get_pretrained_cfg(name, pretrained):
+        return
+    if not os.path.lexists(pretrained):
+        tags = oc_pretrained.list_pretrained_tags_by_model(name)
+        known = f"its tags: {', '.join(tags)}" if tags else 'it has no pretrained tags'
+        raise checkpoint.CheckpointError(pretrained, f'no such file, nor a pretrained tag of {name} '
+                                                     f'({known}){did_you_mean(pretrained, tags)}')
+    checkpoint.check_file(pretrained)  # a path: say what is wrong with it in plain words
 
 
 def is_eva_model(model: Any) -> bool:
@@ -99,9 +114,7 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
         arguments = bound.arguments
         if not (arguments.get('pretrained') and arguments.get('load_weights', True)):
             return original(*args, **kwargs)
-        pretrained = str(arguments['pretrained'])
-        if not oc_pretrained.get_pretrained_cfg(name, pretrained):
-            checkpoint.check_file(pretrained)  # a path: say what is wrong with it in plain words
+        check_pretrained(name, str(arguments['pretrained']))
         device = arguments.get('device', 'cpu')
         arguments['device'] = 'meta'  # open_clip places and casts the empty model; loading fills it on `device`
         with empty_build.empty_build(device):

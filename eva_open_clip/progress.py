@@ -1,39 +1,42 @@
-"""Progress of `embed` on standard error: a bar on a terminal, a plain line now and then in a job log."""
+"""Progress of `embed` on standard error, the same in both output modes: a bar on a terminal, and a plain
+line now and then in a job's log file."""
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 import time
-from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 
-def progress_bar(unit: str, total: int | None = None, enabled: bool = True) -> tqdm:
-    return tqdm(unit=unit, total=total, file=sys.stderr, disable=not enabled, smoothing=0.1)
+def plural(count: int, noun: str) -> str:
+    """'1 unit', '2 units'."""
+    return f'{count} {noun}' if count == 1 else f'{count} {noun}s'
 
 
-class JobProgress:
-    """The whole job's progress, as the output folder shows it: units done of the total, whatever rank did them.
+class Progress:
+    """How much of `total` things (`noun`: units of a folder, images or texts of a FILE.npy) is done.
 
-    On a terminal, a bar over the units, refreshed every second; otherwise (a job's log file), one plain
-    line every `interval` seconds (default 30). This process's images and rate are shown beside.
+    `done` counts what is done (for a folder, its unit records, whatever rank wrote them); without it the
+    things are the images or texts given to `update`. On a terminal, a bar refreshed every second and left
+    complete by `close`; otherwise one plain line every `interval` seconds (default 30). The images this
+    process embedded and its rate are shown beside.
     """
 
-    def __init__(self, records: Path, total: int, interval: float | None = None, enabled: bool = True):
-        self.records, self.total, self.enabled = records, total, enabled
+    def __init__(self, total: int | None, noun: str, done: Callable[[], int] | None = None,
+                 interval: float | None = None, enabled: bool = True):
+        self.total, self.noun, self.enabled, self._done = total, noun, enabled, done
         self.tty = sys.stderr.isatty()
         self.interval = interval if interval is not None else (1.0 if self.tty else 30.0)
-        self.at_start = self._done()
-        self.images, self.started = 0, time.monotonic()
-        self.last = self.started
-        self.bar = tqdm(total=total, initial=self.at_start, unit='unit', file=sys.stderr,
+        self.images = 0
+        self.at_start = self.done()
+        self.started = self.last = time.monotonic()
+        self.bar = tqdm(total=total, initial=self.at_start, unit=f' {noun}', file=sys.stderr,
                         disable=not (enabled and self.tty))
 
-    def _done(self) -> int:
-        with os.scandir(self.records) as entries:
-            return sum(1 for e in entries if e.name.endswith('.json') and not e.name.startswith('.'))
+    def done(self) -> int:
+        return self._done() if self._done is not None else self.images
 
     def update(self, images: int) -> None:
         self.images += images
@@ -43,19 +46,23 @@ class JobProgress:
             self.report(now)
 
     def report(self, now: float) -> None:
-        done, elapsed = self._done(), now - self.started
-        rate = self.images / elapsed if elapsed > 0 else 0.0
+        done, elapsed = self.done(), now - self.started
+        rate = f'{self.images / elapsed:.4g} img/s' if elapsed > 0 and self.images else 'no image yet'
+        by_us = f'{self.images} images by this process at {rate}' if self._done is not None else rate
         if self.tty:
             self.bar.n = done
-            self.bar.set_postfix_str(f'{self.images} img, {rate:.3g} img/s', refresh=True)
+            self.bar.set_postfix_str(by_us, refresh=True)
             return
-        finished = done - self.at_start
         left = ''
-        if finished > 0 and done < self.total:
+        finished = done - self.at_start
+        if self.total and finished > 0 and done < self.total:
             seconds = (self.total - done) * elapsed / finished
             left = f', about {datetime.timedelta(seconds=round(seconds))} left'
-        print(f'progress: {done}/{self.total} units done, {self.images} images by this process at '
-              f'{rate:.4g} img/s{left}', file=sys.stderr, flush=True)
+        of = f'/{self.total}' if self.total is not None else ''
+        print(f'progress: {done}{of} {self.noun}s done, {by_us}{left}', file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Leave the bar at its final count (the final line follows)."""
+        if self.enabled and self.tty:
+            self.report(time.monotonic())
         self.bar.close()

@@ -1,13 +1,14 @@
 """The EVA model registry: EVA-CLIP configs made into open_clip models, with their pretrained tags."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from . import open_clip_seam
-from .configs import ConfigLike, EvaSpec, build_spec, parse_config
+from .configs import ConfigError, ConfigLike, EvaSpec, build_spec, parse_config, read_config
 from .tower import register_tower
 
 
@@ -21,19 +22,33 @@ class EvaModel:
     pretrained: dict[str, str] = field(default_factory=dict)  # tag -> 'org/repo/file' on the HF hub
 
 
-# Released EVA-CLIP models: (open_clip name, pretrained tag, file on the Hugging Face hub).
-BUILTIN_MODELS: tuple[tuple[str, str, str], ...] = (
-    ('EVA_CLIP_g_14', 'laion400m_s11b_b41k', 'BAAI/EVA/eva_clip_psz14.pt'),
-    ('EVA01-CLIP-g-14', 'laion400m_s11b_b41k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_psz14_s11B.pt'),
-    ('EVA01-CLIP-g-14-plus', 'merged2b_s11b_b114k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_plus_psz14_s11B.pt'),
-    ('EVA02-CLIP-B-16', 'merged2b_s8b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt'),
-    ('EVA02-CLIP-L-14', 'merged2b_s4b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_psz14_s4B.pt'),
-    ('EVA02-CLIP-L-14-336', 'merged2b_s6b_b61k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_336_psz14_s6B.pt'),
-    ('EVA02-CLIP-bigE-14', 'laion2b_s4b_b115k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_s4B.pt'),
-    ('EVA02-CLIP-bigE-14-plus', 'laion2b_s9b_b144k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_plus_s9B.pt'),
-    ('EVA-CLIP-8B', 'merged2b_s9b', 'BAAI/EVA-CLIP-8B/EVA_CLIP_8B_psz14_s9B.pt'),
-    ('EVA-CLIP-8B-448', 'merged2b_s0.6b', 'BAAI/EVA-CLIP-8B-448/EVA_CLIP_8B_psz14_plus_s0.6B.pt'),  # 'EVA-CLIP-8B-plus'
-    ('EVA-CLIP-18B', 'merged2b_s6b', 'BAAI/EVA-CLIP-18B/EVA_CLIP_18B_psz14_s6B.fp16.pt'),
+class Release(NamedTuple):
+    """A released EVA-CLIP model: its open_clip name and tag, its file on the Hugging Face hub, its size."""
+
+    name: str
+    tag: str
+    hub_file: str  # 'org/repo/file'
+    params: str  # parameters, as counted in the built model
+    file_size: str  # the released file's size and (where not fp16) dtype
+
+
+BUILTIN_MODELS: tuple[Release, ...] = (
+    Release('EVA_CLIP_g_14', 'laion400m_s11b_b41k', 'BAAI/EVA/eva_clip_psz14.pt', '1.14B', '2.3 GB'),
+    Release('EVA01-CLIP-g-14', 'laion400m_s11b_b41k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_psz14_s11B.pt', '1.14B',
+            '2.3 GB'),
+    Release('EVA01-CLIP-g-14-plus', 'merged2b_s11b_b114k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_plus_psz14_s11B.pt',
+            '1.37B', '2.7 GB'),
+    Release('EVA02-CLIP-B-16', 'merged2b_s8b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt', '150M', '0.3 GB'),
+    Release('EVA02-CLIP-L-14', 'merged2b_s4b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_psz14_s4B.pt', '428M', '0.9 GB'),
+    Release('EVA02-CLIP-L-14-336', 'merged2b_s6b_b61k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_336_psz14_s6B.pt', '428M',
+            '0.9 GB'),
+    Release('EVA02-CLIP-bigE-14', 'laion2b_s4b_b115k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_s4B.pt', '4.7B', '9.4 GB'),
+    Release('EVA02-CLIP-bigE-14-plus', 'laion2b_s9b_b144k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_plus_s9B.pt',
+            '5.0B', '10.1 GB bf16'),
+    Release('EVA-CLIP-8B', 'merged2b_s9b', 'BAAI/EVA-CLIP-8B/EVA_CLIP_8B_psz14_s9B.pt', '8.2B', '32.9 GB fp32'),
+    Release('EVA-CLIP-8B-448', 'merged2b_s0.6b', 'BAAI/EVA-CLIP-8B-448/EVA_CLIP_8B_psz14_plus_s0.6B.pt', '8.2B',
+            '32.9 GB fp32'),  # the EVA-CLIP-18B code's 'EVA-CLIP-8B-plus'
+    Release('EVA-CLIP-18B', 'merged2b_s6b', 'BAAI/EVA-CLIP-18B/EVA_CLIP_18B_psz14_s6B.fp16.pt', '18.3B', '36.7 GB'),
 )
 
 _MODELS: dict[str, EvaModel] = {}
@@ -57,21 +72,29 @@ def register_eva_model(name: str, config: ConfigLike, pretrained: Mapping[str, s
     `pretrained` maps open_clip-style tags to hub files ('org/repo/file.pt'). Registering the same
     name with the same config again does nothing; with a different config it is an error.
     """
-    original = parse_config(config)
+    source = f'{config}: ' if isinstance(config, (str, os.PathLike)) else ''
+    config = read_config(config)  # a file that cannot be read names itself
+    try:
+        original = parse_config(config)
+        spec = build_spec(original, _timm_name(name))
+    except ConfigError as e:
+        raise ConfigError(f'{source}{e}') from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a value of the wrong type or form
+        raise ConfigError(f'{source}not a usable EVA-CLIP config ({type(e).__name__}: {e})') from None
     tags = dict(pretrained or {})
     existing = _MODELS.get(name)
     if existing is not None:
         if existing.spec.original != original or any(existing.pretrained.get(t, f) != f for t, f in tags.items()):
-            raise ValueError(f"EVA model '{name}' is already registered with a different config")
+            raise ConfigError(f"EVA model '{name}' is already registered with a different config: "
+                              f"register this one under another name")
         if tags.keys() - existing.pretrained.keys():
             _register_tags(existing, tags)
         return
     if open_clip_seam.has_model_config(name):
-        raise ValueError(f"open_clip already has a model named '{name}'")
+        raise ConfigError(f"open_clip already has a model named '{name}': register it under another name")
     timm_name = _timm_name(name)
     if any(m.timm_name == timm_name for m in _MODELS.values()):
-        raise ValueError(f"EVA model name '{name}' collides with another registered name")
-    spec = build_spec(original, timm_name)
+        raise ConfigError(f"EVA model name '{name}' collides with another registered name: choose another")
     register_tower(timm_name, spec.timm_kwargs)
     model = EvaModel(name=name, spec=spec, timm_name=timm_name)
     open_clip_seam.add_model_config(name, spec.open_clip_cfg)
@@ -88,8 +111,8 @@ def _register_tags(model: EvaModel, tags: Mapping[str, str]) -> None:
 def register_builtin_models() -> None:
     """Register the released EVA-CLIP models from the shipped configs (idempotent, no network)."""
     configs = model_configs_dir()
-    for name, tag, hub_file in BUILTIN_MODELS:
-        register_eva_model(name, configs / f'{name}.json', pretrained={tag: hub_file})
+    for release in BUILTIN_MODELS:
+        register_eva_model(release.name, configs / f'{release.name}.json', pretrained={release.tag: release.hub_file})
 
 
 def get_eva_model(name: str) -> EvaModel | None:

@@ -24,8 +24,10 @@ from typing import Any, Callable
 
 from timm.models.eva import Eva
 
+from .errors import UserError
 
-class UnsupportedVersion(RuntimeError):
+
+class UnsupportedVersion(UserError, RuntimeError):
     """A feature that the installed open_clip or timm release does not have."""
 
 

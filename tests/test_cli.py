@@ -37,7 +37,8 @@ def _features(b16, paths):
 
 
 @pytest.mark.parametrize('entry,command', [('console', []), ('console', ['classify']), ('console', ['embed']),
-                                           ('console', ['convert']), ('console', ['run']), ('module', [])])
+                                           ('console', ['convert']), ('console', ['run']), ('console', ['models']),
+                                           ('module', [])])
 def test_help(entry, command):
     result = cli(*command, '--help', entry=entry)
     assert result.returncode == 0 and 'usage: eva-open-clip' in result.stdout
@@ -83,10 +84,13 @@ def test_embed_folder_keeps_rows_and_paths_aligned(tmp_path, b16_checkpoint, b16
     (folder / 'notes.txt').write_text('not an image')
     extra = DATA / 'images' / 'clip_diagram_rgba.png'
     out = tmp_path / 'out' / 'features.npy'
-    result = cli('embed', folder, extra, '--out', out, '--batch-size', '2', '--pretrained', b16_checkpoint, *B16)
+    result = cli('embed', folder, extra, '--out', out, '--batch-size', '2', '--pretrained', b16_checkpoint, *B16,
+                 '--progress-interval', '0')
     assert result.returncode == 0, result.stderr
     assert 'broken.png' in result.stderr and 'warning' in result.stderr
-    assert 'img/s' in result.stderr  # tqdm progress bar (streamed inputs: a count and a rate)
+    progress = [line for line in result.stderr.splitlines() if line.startswith('progress: ')]
+    assert progress and all(' images done, ' in line and line.endswith(' img/s') or 'left' in line for line in progress)
+    assert '\r' not in result.stderr  # plain lines in a log file, not a terminal's bar
     paths = (tmp_path / 'out' / 'features.paths.txt').read_text().splitlines()
     # inputs in the order given, each folder in path order
     expected = sorted([folder / 'palette_120.png', folder / 'gradient_rgb_300x200.png',

@@ -175,8 +175,8 @@ def test_nothing_embedded_is_a_failure_with_the_reasons(tiny, tmp_path):
     pattern = _shards(tmp_path / 'shards', [3])
     result = run_embed(tiny, pattern, '--image-key', 'jpg', out=tmp_path / 'out')
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == ("eva-open-clip embed: no sample could be embedded (skipped by "
-                                                      "reason: {'no_image': 3}; check --image-key and --caption-key)")
+    assert result.stderr.strip().splitlines()[-1] == ("eva-open-clip embed: no sample could be embedded (3 skipped: "
+                                                      "no_image 3; check --image-key and --caption-key)")
 
 
 @pytest.fixture
@@ -232,7 +232,7 @@ def test_an_unreadable_remote_shard_is_retried_by_the_next_run(tiny, tmp_path, h
     result = run_embed(tiny, f'{base}/c-{{0..1}}.tar', out=out)
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith(f'eva-open-clip embed: 1 shard(s) could not be read, e.g. {base}/c-1.tar: could not be read')
+    assert line.startswith(f'eva-open-clip embed: 1 shard could not be read, e.g. {base}/c-1.tar: could not be read')
     assert line.endswith('they are not marked done: run the same command to try them again')
     assert [p.name for p in (out / 'shards').iterdir()] == ['000000.json']
     shutil.copy(tmp_path / 'shards' / 'c-1.tar', served / 'c-1.tar')
@@ -276,7 +276,7 @@ def test_small_shared_memory_lowers_the_prefetch_or_says_what_to_do(tiny, tmp_pa
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank():
-    from eva_open_clip.cli import rank_device
+    from eva_open_clip.checks import rank_device
     from eva_open_clip.errors import UsageError
     assert [rank_device('cuda', r, 8, cuda=True) for r in (0, 5)] == ['cuda:0', 'cuda:5']
     assert rank_device(None, 3, 8, cuda=True) == 'cuda:3' and rank_device(None, 3, 8, cuda=False) is None

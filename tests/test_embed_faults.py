@@ -256,7 +256,8 @@ def test_damaged_and_orphan_parts_are_redone(tiny, tmp_path):
 
 
 def test_input_errors_are_one_line_before_the_model_loads(tiny, tmp_path):
-    no_model = ('--pretrained', str(tmp_path / 'no-such-checkpoint.pt'))
+    (tmp_path / 'damaged.pt').write_bytes(b'not a checkpoint')  # would fail only once the model is loaded
+    no_model = ('--pretrained', str(tmp_path / 'damaged.pt'))
     cases = {
         (str(tmp_path / 'missing.tar'),): f'{tmp_path / "missing.tar"}: no such file or folder',
         ('--files-from', str(tmp_path / 'no-list.txt')): f'--files-from {tmp_path / "no-list.txt"}: No such file or directory',

@@ -89,7 +89,7 @@ def test_every_bad_sample_is_a_row_or_a_skip(tiny, tmp_path):
     assert latin1 == '"caf\\xe9"' and original_name(latin1) == b'caf\xe9'
     assert list(rows) == ['k0', 'k1', latin1, 'k4', 'k7']
     assert _skips(out) == {'k2': 'bad_json', 'k5': 'image_too_large', 'k6': 'image_too_large'}
-    assert "'bad_json': 1, 'image_too_large': 2" in result.stderr
+    assert '(3 skipped: bad_json 1, image_too_large 2)' in result.stderr
 
     # every field is kept: renamed past the fixed columns, surrogates as U+FFFD, nested as JSON text
     k1 = rows['k1']
@@ -140,7 +140,7 @@ def test_npy_killed_between_its_two_renames_never_pairs_other_rows(tiny, tmp_pat
     for i in range(3):
         (folder / f'{i}.png').write_bytes(png(i, 3))
     out = tmp_path / 'emb.npy'
-    npy_output.embed_to_npy(encoder, [str(folder / '0.png')], out)
+    npy_output.embed_to_npy(lambda: encoder, [str(folder / '0.png')], out)
     for i in range(3, 40):
         (folder / f'{i:02d}.png').write_bytes(png(i, 3))
     real_replace, calls = os.replace, []
@@ -156,10 +156,10 @@ def test_npy_killed_between_its_two_renames_never_pairs_other_rows(tiny, tmp_pat
 
     monkeypatch.setattr(npy_output.os, 'replace', replace_then_die)
     with pytest.raises(Killed):
-        npy_output.embed_to_npy(encoder, [str(folder)], out)
+        npy_output.embed_to_npy(lambda: encoder, [str(folder)], out)
     monkeypatch.undo()
     assert not out.exists() and len(out.with_name('emb.paths.txt').read_text().splitlines()) == 40
-    npy_output.embed_to_npy(encoder, [str(folder / '0.png')], out)  # completes the commit, then its own job
+    npy_output.embed_to_npy(lambda: encoder, [str(folder / '0.png')], out)  # completes the commit, then its own job
     assert len(np.load(out)) == 1 and out.with_name('emb.paths.txt').read_text() == f'{folder / "0.png"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.emb.npy.lock', 'emb.npy', 'emb.paths.txt', 'imgs']
 
@@ -270,9 +270,15 @@ def test_first_finished_unit_fixes_the_settings(tiny, tmp_path):
     image = tmp_path / 'a.png'
     image.write_bytes(png(0, 0))
     out = tmp_path / 'out'
-    typo = str(tiny[0] / 'tiny.ptt')
+    typo = str(tiny[0] / 'tiny.ptt')  # a usage error: found before the folder is touched
     result = embed_here(tiny, image, '--workers', '0', out=out, pretrained=typo)
-    assert _one_line_error(result, 1) == f'eva-open-clip embed: --pretrained {typo}: not a file, nor a tag of tiny (none)'
+    assert _one_line_error(result, 2) == (f'eva-open-clip embed: --pretrained {typo}: no such file, nor a pretrained '
+                                          f'tag of tiny (it has no pretrained tags)')
+    assert not out.exists()
+    damaged = tmp_path / 'damaged.pt'  # found only when the model is loaded, after the folder was prepared
+    damaged.write_bytes(b'not a checkpoint')
+    result = embed_here(tiny, image, '--workers', '0', out=out, pretrained=str(damaged))
+    assert _one_line_error(result, 1).startswith(f'eva-open-clip embed: {damaged}: ')
     assert (out / 'embed.json').exists()
     result = _ok(embed_here(tiny, image, '--workers', '0', out=out))  # the corrected command takes the folder
     assert 'note: no unit of' in result.stderr

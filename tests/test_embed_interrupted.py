@@ -34,7 +34,7 @@ def test_interrupted_embed_leaves_previous_output(tmp_path):
     np.save(out, np.zeros((1, 4), dtype=np.float32))
     (tmp_path / 'features.paths.txt').write_text('old\n')
     with pytest.raises(KeyboardInterrupt):
-        embed_to_npy(_Interrupting(), [str(DATA / 'images')], out, batch_size=2)
+        embed_to_npy(_Interrupting, [str(DATA / 'images')], out, batch_size=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.features.npy.lock', 'features.npy', 'features.paths.txt']
     assert np.load(out).shape == (1, 4)
     assert (tmp_path / 'features.paths.txt').read_text() == 'old\n'
@@ -45,7 +45,7 @@ def test_scratch_of_a_killed_run_is_removed_and_rows_written_once(tmp_path):
     for stale in ('.features.npy.k1ll3d00.tmp', '.features.paths.txt.k1ll3d00.tmp'):
         (tmp_path / stale).write_bytes(b'left by a killed run')
     (tmp_path / '.other.npy.x.tmp').write_bytes(b'another output: left alone')
-    rows, skipped = embed_to_npy(_Encoding(), [str(DATA / 'images')], out, batch_size=2)
+    rows, skipped = embed_to_npy(_Encoding, [str(DATA / 'images')], out, batch_size=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.features.npy.lock', '.other.npy.x.tmp', 'features.npy',
                                                            'features.paths.txt']
     paths = (tmp_path / 'features.paths.txt').read_text().splitlines()

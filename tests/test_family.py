@@ -14,7 +14,7 @@ from eva_open_clip.registry import BUILTIN_MODELS, model_configs_dir
 from conftest import (DATA, eva_clip_rope_tables, golden, manifest, model_name, needs_open_clip, random_checkpoint, rel_err,
                       released_state_dict)
 
-FAMILY = [name for name, _, _ in BUILTIN_MODELS]
+FAMILY = [r.name for r in BUILTIN_MODELS]
 # parity bounds of the acceptance tests: EVA02 files store fp16 rotary tables, timm computes them in fp32
 TOLERANCE = {'tiny_a': 1e-4, 'epost_tiny_a': 1e-4, 'e02_tiny_a': 1e-3, 'rms_tiny_a': 1e-4, 'rmspost_tiny_a': 1e-4}
 LARGEST = ['EVA-CLIP-8B', 'EVA-CLIP-8B-448', 'EVA-CLIP-18B']  # no stock timm architecture

@@ -102,7 +102,7 @@ def test_unsupported_config_key_is_named(section, key, value):
 
 def test_builtin_configs_are_found_where_installed():
     configs = model_configs_dir()
-    assert sorted(p.stem for p in configs.glob('*.json')) == sorted(name for name, _, _ in BUILTIN_MODELS)
+    assert sorted(p.stem for p in configs.glob('*.json')) == sorted(r.name for r in BUILTIN_MODELS)
     assert json.loads((configs / 'EVA_CLIP_g_14.json').read_text()) == \
         json.loads((DATA.parent.parent / 'model_configs' / 'EVA_CLIP_g_14.json').read_text())
 
