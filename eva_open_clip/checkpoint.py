@@ -146,7 +146,10 @@ def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
         return key[len(added_prefix):] if added_prefix and key.startswith(added_prefix) else key
 
     released = is_released_layout(state_dict)
-    converted, origin = convert_with_origin(state_dict)
+    try:
+        converted, origin = convert_with_origin(state_dict)
+    except ValueError as e:  # two of the file's keys name the same model key
+        raise CheckpointError(path, str(e)) from None
     if released:
         _check_rotary_tables(path, state_dict, model, shown)
     expected = model.state_dict()

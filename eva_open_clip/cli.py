@@ -27,8 +27,13 @@ def _register(registrations: Sequence[str] | None) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, check_file
     from .export import export_folder
     from .registry import register_eva_model
+    try:
+        check_file(args.checkpoint)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
     if args.config:
         if not args.model:
             raise UsageError('--config needs --model NAME to register it under')

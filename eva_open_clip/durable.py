@@ -154,11 +154,18 @@ class OutputLock:
     job is refused with them.
     """
 
-    def __init__(self, output: Path, folder: bool = True):
-        output = Path(output)
-        self.output = output
-        self.path = output / '.lock' if folder else output.with_name(f'.{output.name}.lock')
+    def __init__(self, path: Path, output: Path):
+        self.path, self.output = Path(path), Path(output)
         self.fd: int | None = None
+
+    @classmethod
+    def for_folder(cls, folder: Path) -> 'OutputLock':
+        return cls(Path(folder) / '.lock', folder)
+
+    @classmethod
+    def for_file(cls, file: Path) -> 'OutputLock':
+        file = Path(file)
+        return cls(file.with_name(f'.{file.name}.lock'), file)
 
     def acquire(self) -> 'OutputLock':
         try:

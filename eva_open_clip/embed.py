@@ -58,7 +58,7 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     shard could not be read (not done: the next run tries them again).
     """
     out = Path(out)
-    lock = OutputLock(out)
+    lock = OutputLock.for_folder(out)
     try:
         failure = None
         if ranks.rank == 0:

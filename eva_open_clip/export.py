@@ -22,8 +22,13 @@ from safetensors.torch import save_file
 from .checkpoint import CheckpointError, read_state_dict
 from .durable import fsync_dir, umask, write_atomic, write_text
 from .empty_build import meta_model
+from .errors import UsageError
 from .layout import convert_state_dict
 from .registry import get_eva_model, list_eva_models
+
+class OutputExists(UsageError, FileExistsError):
+    """The folder to write holds something already (replaced only with `force`)."""
+
 
 CONFIG_NAME = 'open_clip_config.json'
 WEIGHTS_NAME = 'open_clip_model.safetensors'
@@ -59,7 +64,7 @@ def export_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, mod
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f'{out} exists and is not empty (use --force to replace it)')
+        raise OutputExists(f'{out} exists and is not empty (use --force to replace it)')
     state_dict = read_state_dict(checkpoint)
     name = model_name or detect_model(state_dict)
     if name is None:
@@ -67,7 +72,7 @@ def export_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, mod
                                           f'(registered: {", ".join(list_eva_models())})')
     eva = get_eva_model(name)
     if eva is None:
-        raise ValueError(f"'{name}' is not a registered EVA model")
+        raise UsageError(f"--model {name}: not an EVA-CLIP model (`eva-open-clip models` lists them)")
     dtype = _dtype_of(state_dict)
     del state_dict
     model = open_clip.create_model(name, pretrained=str(checkpoint), precision=_PRECISION.get(dtype, 'fp32'))

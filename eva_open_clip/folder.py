@@ -49,7 +49,9 @@ SETTINGS_FILE = 'embed.json'
 PART_FOLDERS = {'img_emb': re.compile(r'img_emb_\d+\.npy'), 'text_emb': re.compile(r'text_emb_\d+\.npy'),
                 'metadata': re.compile(r'metadata_\d+\.parquet')}
 RECORD_NAME = re.compile(r'\d+\.json')
-SUBFOLDERS = (*PART_FOLDERS, 'shards', 'ranks')
+RECORDS = 'shards'  # a record per finished unit
+RANKS = 'ranks'  # each rank's counts of the current run
+SUBFOLDERS = (*PART_FOLDERS, RECORDS, RANKS)
 TOP_FILES = re.compile(r'embed\.json|units\.jsonl|summary\.json')  # this tool's files at the top of DIR
 
 
@@ -93,11 +95,11 @@ def part_name(unit: int, k: int) -> str:
 
 def rank_record(out: Path, rank: int) -> Path:
     """Where a rank of the running job records its counts (read for the summary, then removed)."""
-    return out / 'ranks' / f'{rank:05d}.json'
+    return out / RANKS / f'{rank:05d}.json'
 
 
 def _record_path(out: Path, unit: int) -> Path:
-    return out / 'shards' / f'{sortable_number(unit, 6)}.json'
+    return out / RECORDS / f'{sortable_number(unit, 6)}.json'
 
 
 _RECORD_KEYS = {'unit', 'sources', 'settings', 'rows', 'parts', 'skipped'}
@@ -117,7 +119,7 @@ def _read_record(path: Path) -> dict | None:
 
 
 def _record_paths(out: Path) -> list[Path]:
-    folder = out / 'shards'
+    folder = out / RECORDS
     return sorted(p for p in folder.iterdir() if RECORD_NAME.fullmatch(p.name)) if folder.is_dir() else []
 
 
@@ -210,12 +212,12 @@ def _remove_unnamed(out: Path, kept: set[str]) -> None:
             if names.fullmatch(path.name) and f'{sub}/{path.name}' not in kept:
                 path.unlink()
         remove_temporary_files(folder, names)
-    remove_temporary_files(out / 'shards', RECORD_NAME)
+    remove_temporary_files(out / RECORDS, RECORD_NAME)
     remove_temporary_files(out, TOP_FILES)
-    for stale in (out / 'ranks').iterdir():  # the counts of an earlier run that did not end
+    for stale in (out / RANKS).iterdir():  # the counts of an earlier run that did not end
         if RECORD_NAME.fullmatch(stale.name):
             stale.unlink()
-    remove_temporary_files(out / 'ranks', RECORD_NAME)
+    remove_temporary_files(out / RANKS, RECORD_NAME)
 
 
 def _disjoint(records: list[dict]) -> list[dict]:
@@ -391,7 +393,7 @@ def finish_folder(out: Path, settings: FolderSettings, ranks: list[dict]) -> dic
                    parts=sum(len(r['parts']) for r in records),
                    skipped=sum(len(r['skipped']) for r in records), skipped_by_reason=reasons, ranks=ranks)
     write_text(out / 'summary.json', json.dumps(summary, indent=2) + '\n')
-    for record in (out / 'ranks').iterdir():
+    for record in (out / RANKS).iterdir():
         if RECORD_NAME.fullmatch(record.name):
             record.unlink()
     return summary

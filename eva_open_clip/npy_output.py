@@ -10,10 +10,10 @@ FILE.paths.txt of another run (so no reader can pair the wrong rows and lines), 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -61,9 +61,14 @@ class _Rows:
         self.rows += rows.shape[0]
 
     def _header(self) -> bytes:
-        text = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({self.rows}, {self.dim}), }}"
-        body = text.ljust(self.HEADER - 11) + '\n'  # 10 bytes of magic, version and length before it
-        return b'\x93NUMPY\x01\x00' + struct.pack('<H', len(body)) + body.encode('latin1')
+        """numpy's own version 1.0 header; numpy pads it to 128 bytes for any row count this can hold."""
+        header = io.BytesIO()
+        shape = (self.rows, self.dim)
+        np.lib.format.write_array_header_1_0(header, dict(descr='<f4', fortran_order=False, shape=shape))
+        if len(header.getvalue()) != self.HEADER:
+            raise ToolError(f'{self.path}: numpy wrote a .npy header of {len(header.getvalue())} bytes, '
+                            f'not the {self.HEADER} reserved')
+        return header.getvalue()
 
     def finish(self) -> Path:
         """Write the header and flush the file to disk; return its temporary path."""
@@ -134,7 +139,7 @@ def embed_to_npy(load_encoder: Callable[[], Encoder], inputs: Sequence[str], out
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out, folder=False):
+    with OutputLock.for_file(out):
         try:
             if _journal(out).exists():
                 _complete_commit(out)

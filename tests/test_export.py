@@ -78,14 +78,17 @@ def test_cli_convert_with_a_custom_config(tmp_path, tiny_checkpoint):
     assert result.returncode == 0, result.stderr
     assert (out / 'open_clip_model.safetensors').is_file()
     again = _cli('convert', tiny_checkpoint, out, '--model', 'my-tiny', '--config', config)
-    assert again.returncode != 0 and '--force' in again.stderr
+    assert again.returncode == 2 and 'Traceback' not in again.stderr
+    assert again.stderr.strip().splitlines() == [
+        f'eva-open-clip convert: {out} exists and is not empty (use --force to replace it)']
 
 
 def test_cli_convert_names_the_bad_file(tmp_path):
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(b'not a checkpoint')
     result = _cli('convert', bad, tmp_path / 'out', '--model', 'EVA_CLIP_g_14')
-    assert result.returncode != 0 and str(bad) in result.stderr
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f'eva-open-clip convert: {bad}: ')
     assert not (tmp_path / 'out').exists()
 
 

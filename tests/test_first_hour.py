@@ -105,6 +105,12 @@ def test_convert_with_a_bad_config(files, tmp_path, content, problem):
     assert not (tmp_path / 'out').exists()
 
 
+def test_convert_of_a_missing_checkpoint(tmp_path):
+    line = one_line(2, main('convert', tmp_path / 'eva_clip_psz14.pt', tmp_path / 'out'))
+    assert line == f'eva-open-clip convert: {tmp_path / "eva_clip_psz14.pt"}: no such file'
+    assert not (tmp_path / 'out').exists()
+
+
 def test_convert_config_needs_a_model_name(files, tmp_path):
     line = one_line(2, main('convert', files / 'tiny_a.pt', tmp_path / 'out', '--config', files / 'tiny_a.json'))
     assert line == 'eva-open-clip convert: --config needs --model NAME to register it under'
