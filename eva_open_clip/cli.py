@@ -82,6 +82,10 @@ def _classify(args: argparse.Namespace) -> int:
     from .classify import classify, print_results, read_labels
     from .inference import BUNDLED_IMAGE, image_files
     labels = read_labels(args.labels, args.labels_file)
+    swallowed = [label for label in args.labels or () if os.path.isfile(label)]
+    if swallowed and not args.images:  # `--labels cat dog photo.jpg` takes photo.jpg for a label
+        raise UsageError(f'--labels took {swallowed[0]}, a file, for a label: give the images before --labels '
+                         f'(classify {swallowed[0]} --labels ...)')
     paths = image_files(args.images) if args.images else [BUNDLED_IMAGE]
     results = classify(_encoder(args), paths, labels, template=args.template, top_k=args.top_k)
     print_results(results, args.json)
@@ -368,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as e:
         print(f'eva-open-clip {args.command}: interrupted', file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C outside embed (which stops its job cleanly on its own)
+        print(f'eva-open-clip {args.command}: interrupted', file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:  # the reader of standard output stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -113,14 +113,23 @@ class Encoder:
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features of a batch of preprocessed images (pinned CPU memory is copied without blocking)."""
         pixels = pixels.to(self.device, dtype=self.input_dtype, non_blocking=pixels.is_pinned())
-        with self._autocast():
+        with self._autocast(), self._out_of_memory(len(pixels)):
             return self.model.encode_image(pixels, normalize=True).float().cpu()
 
     @torch.no_grad()
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device, non_blocking=tokens.is_pinned())
-        with self._autocast():
+        with self._autocast(), self._out_of_memory(len(tokens)):
             return self.model.encode_text(tokens, normalize=True).float().cpu()
+
+    @contextlib.contextmanager
+    def _out_of_memory(self, batch: int) -> Iterator[None]:
+        """A GPU out of memory is said in one line, with the usual remedy (an output folder resumes)."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError:
+            raise ToolError(f'{self.device} ran out of memory on a batch of {batch}: give a smaller --batch-size '
+                            f'(an output folder resumes where it stopped), or --precision bf16') from None
 
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.encode_pixels(torch.stack([self.preprocess(image) for image in images]))

@@ -405,3 +405,46 @@ def test_the_readme_open_clip_example_runs_as_pasted(b16_checkpoint):
     assert code == 0, err
     got = {x['label']: x['prob'] for x in json.loads(out)[0]['labels']}
     assert namespace['probs'][0].tolist() == pytest.approx([got['a diagram'], got['a dog'], got['a cat']], abs=1e-5)
+
+
+# more of the first hour: a file taken for a label, Ctrl-C, a GPU out of memory
+
+def test_an_image_after_labels_is_not_taken_for_a_label(files):
+    line = one_line(2, main('classify', '--labels', 'a cat', 'a dog', files / 'x.png', *tiny_args(files)))
+    assert line == (f'eva-open-clip classify: --labels took {files / "x.png"}, a file, for a label: give the images '
+                    f'before --labels (classify {files / "x.png"} --labels ...)')
+
+
+def test_ctrl_c_is_one_line(files, tmp_path):
+    import signal
+    fifo = tmp_path / 'labels'
+    os.mkfifo(fifo)
+    job = subprocess.Popen([sys.executable, '-m', 'eva_open_clip', 'classify', files / 'x.png', '--labels-file', fifo,
+                            *tiny_args(files)], stderr=subprocess.PIPE, text=True)
+    writer = os.open(fifo, os.O_WRONLY)  # returns once the command has opened the list: it now waits in read()
+    try:
+        job.send_signal(signal.SIGINT)
+        _, stderr = job.communicate(timeout=60)
+    finally:
+        os.close(writer)
+    assert job.returncode == 128 + signal.SIGINT
+    assert stderr.strip() == 'eva-open-clip classify: interrupted'
+
+
+class _OutOfMemory(torch.nn.Module):
+    """A model whose GPU runs out of memory on every batch."""
+
+    logit_scale = torch.nn.Parameter(torch.zeros(()))
+
+    def encode_image(self, pixels, normalize=False):
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+
+
+def test_a_gpu_out_of_memory_says_to_lower_the_batch_size(tmp_path):
+    from eva_open_clip.errors import ToolError
+    from eva_open_clip.inference import Encoder
+    encoder = Encoder(_OutOfMemory(), None, None, 'cpu', 'fp32')
+    with pytest.raises(ToolError) as error:
+        encoder.encode_pixels(torch.zeros(64, 3, 8, 8))
+    assert str(error.value) == ('cpu ran out of memory on a batch of 64: give a smaller --batch-size (an output '
+                                'folder resumes where it stopped), or --precision bf16')
