@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from eva_open_clip.checkpoint import CheckpointError, read_state_dict
-from conftest import model_name, released_state_dict
+from support.checkpoints import model_name, released_state_dict
 
 
 class _Unseekable(io.RawIOBase):

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import open_clip
@@ -13,15 +10,10 @@ import torch
 from PIL import Image
 
 from eva_open_clip.inference import BUNDLED_IMAGE
-from conftest import DATA
+from support.checkpoints import DATA
+from support.cli import run_cli
 
 B16 = ['--model', 'EVA02-CLIP-B-16', '--device', 'cpu']
-
-
-def cli(*args, env=None, entry='console'):
-    command = ['eva-open-clip'] if entry == 'console' else [sys.executable, '-m', 'eva_open_clip']
-    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, **(env or {})))
 
 
 @pytest.fixture(scope='module')
@@ -40,12 +32,12 @@ def _features(b16, paths):
                                            ('console', ['convert']), ('console', ['run']), ('console', ['models']),
                                            ('module', [])])
 def test_help(entry, command):
-    result = cli(*command, '--help', entry=entry)
+    result = run_cli(*command, '--help', entry=entry)
     assert result.returncode == 0 and 'usage: eva-open-clip' in result.stdout
 
 
 def test_classify_default_is_the_readme_example(b16_checkpoint, b16):
-    result = cli('classify', '--pretrained', b16_checkpoint, *B16, '--json')
+    result = run_cli('classify', '--pretrained', b16_checkpoint, *B16, '--json')
     assert result.returncode == 0, result.stderr
     [entry] = json.loads(result.stdout)
     assert entry['image'] == str(BUNDLED_IMAGE)
@@ -63,13 +55,13 @@ def test_classify_table_top_k_template_and_labels_file(tmp_path, b16_checkpoint)
     labels = tmp_path / 'labels.txt'
     labels.write_text('gradient\nnoise\n\npalette\n')
     images = [DATA / 'images' / 'gradient_rgb_300x200.png', DATA / 'images' / 'noise_gray_64x96.png']
-    result = cli('classify', *images, '--labels-file', labels, '--labels', 'diagram', '--template',
+    result = run_cli('classify', *images, '--labels-file', labels, '--labels', 'diagram', '--template',
                  'a photo of a {}.', '--top-k', '2', '--pretrained', b16_checkpoint, *B16)
     assert result.returncode == 0, result.stderr
     blocks = result.stdout.strip().split('\n\n')
     assert [b.splitlines()[0] for b in blocks] == [str(p) for p in images]
     assert all(len(b.splitlines()) == 3 and b.count('%') == 2 for b in blocks)
-    as_json = json.loads(cli('classify', *images, '--labels', 'a', 'b', 'c', '--top-k', '2', '--json',
+    as_json = json.loads(run_cli('classify', *images, '--labels', 'a', 'b', 'c', '--top-k', '2', '--json',
                              '--pretrained', b16_checkpoint, *B16).stdout)
     assert [len(x['labels']) for x in as_json] == [2, 2]
 
@@ -84,7 +76,7 @@ def test_embed_folder_keeps_rows_and_paths_aligned(tmp_path, b16_checkpoint, b16
     (folder / 'notes.txt').write_text('not an image')
     extra = DATA / 'images' / 'clip_diagram_rgba.png'
     out = tmp_path / 'out' / 'features.npy'
-    result = cli('embed', folder, extra, '--out', out, '--batch-size', '2', '--pretrained', b16_checkpoint, *B16,
+    result = run_cli('embed', folder, extra, '--out', out, '--batch-size', '2', '--pretrained', b16_checkpoint, *B16,
                  '--progress-interval', '0')
     assert result.returncode == 0, result.stderr
     assert 'broken.png' in result.stderr and 'warning' in result.stderr
@@ -107,7 +99,7 @@ def test_embed_text_file(tmp_path, b16_checkpoint, b16):
     lines = tmp_path / 'captions.txt'
     lines.write_text('a diagram\n\na dog\na cat\n')
     out = tmp_path / 'text.npy'
-    result = cli('embed', '--text-file', lines, '--out', out, '--pretrained', b16_checkpoint, *B16)
+    result = run_cli('embed', '--text-file', lines, '--out', out, '--pretrained', b16_checkpoint, *B16)
     assert result.returncode == 0, result.stderr
     model, _, tokenizer = b16
     with torch.no_grad():
@@ -119,7 +111,7 @@ def test_embed_text_file(tmp_path, b16_checkpoint, b16):
 def test_offline_error_says_what_to_do(tmp_path):
     env = {'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path / 'empty-cache')}
     for args in (['classify'], ['embed', str(DATA / 'images'), '--out', str(tmp_path / 'x.npy')]):
-        result = cli(*args, env=env)
+        result = run_cli(*args, env=env)
         assert result.returncode == 1
         assert 'eva_clip_psz14.pt' in result.stderr and '--pretrained /path/to/eva_clip_psz14.pt' in result.stderr
         assert 'Traceback' not in result.stderr
@@ -129,5 +121,5 @@ def test_offline_error_says_what_to_do(tmp_path):
 def test_bad_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(b'garbage')
-    result = cli('classify', '--pretrained', bad, *B16)
+    result = run_cli('classify', '--pretrained', bad, *B16)
     assert result.returncode == 1 and str(bad) in result.stderr and 'Traceback' not in result.stderr

@@ -13,7 +13,7 @@ import torch
 
 import eva_open_clip.compat as clip
 from eva_open_clip.inference import BUNDLED_IMAGE
-from conftest import golden, model_name, rel_err
+from support.checkpoints import golden, model_name, rel_err
 
 EXAMPLES = Path(__file__).parent / 'examples'
 # stands in for torchvision's CIFAR100 download: 100 class names, and image 3637 in memory

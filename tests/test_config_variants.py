@@ -11,7 +11,7 @@ import torch
 import eva_open_clip
 from eva_open_clip import versions
 from eva_open_clip.layout import to_released_key
-from conftest import golden
+from support.checkpoints import golden
 
 SWITCHES = ['rope', 'naiveswiglu', 'subln', 'postnorm', 'ls_init_value', 'no_qkv_bias']
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import sys
 import tarfile
 import time
 
@@ -22,8 +21,9 @@ from PIL import Image
 from eva_open_clip.errors import ToolError
 from eva_open_clip.loader import Batch, DecodedBatches, UnitDataset
 from eva_open_clip.units import list_units
-from conftest import DATA
-from embed_tools import add_member as _add, api_features as _api_features, png as _png, read_folder as _read, \
+from support.checkpoints import DATA
+from support.cli import TORCHRUN
+from support.embed import add_member as _add, api_features as _api_features, png as _png, read_folder as _read, \
     run_embed as _embed, same_output as _same_output
 
 SHARDS, PER_SHARD = 5, 60
@@ -244,9 +244,7 @@ def test_torchrun_two_ranks_equal_one_process(dataset, tiny, tmp_path):
     single = tmp_path / 'single'
     assert _embed(tiny, *args, out=single).returncode == 0
     ranks = tmp_path / 'ranks'
-    launcher = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
-                '-m', 'eva_open_clip')
-    result = _embed(tiny, *args, out=ranks, launcher=launcher)
+    result = _embed(tiny, *args, out=ranks, launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = _read(single), _read(ranks)
     assert list(a) == list(b)

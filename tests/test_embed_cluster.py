@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -19,10 +17,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from embed_tools import add_member, png, read_folder, run_embed, same_output, same_rows
+from support.cli import COMMANDS, TORCHRUN, run_cli
+from support.embed import add_member, embed_command, png, read_folder, run_embed, same_output, same_rows
 
-TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29531',
-            '-m', 'eva_open_clip')
 
 
 def _shards(root: Path, sizes: list[int], slow: tuple[int, ...] = ()) -> str:
@@ -112,9 +109,8 @@ def test_ranks_finishing_far_apart_wait_on_no_collective(tiny, tmp_path):
     # unit 1 (rank 1's) is slow to decode; rank 0's units 0 and 2 are quick: rank 0 ends long before rank 1
     pattern = _shards(tmp_path / 'shards', [4, 30, 4], slow=(1,))
     out = tmp_path / 'out'
-    env_timeout = dict(os.environ, EVA_OPEN_CLIP_START_TIMEOUT_S='3')  # every collective would time out after 3 s
-    cmd = [*TORCHRUN, *_cli(tiny, pattern, '--batch-size', '1', '--workers', '1', out=out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_timeout)
+    result = run_cli(*embed_command(tiny, pattern, '--batch-size', '1', '--workers', '1', out=out), launcher=TORCHRUN,
+                     env={'EVA_OPEN_CLIP_START_TIMEOUT_S': '3'})  # every collective would time out after 3 s
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / 'summary.json').read_text())
     rank0, rank1 = summary['ranks']
@@ -124,15 +120,10 @@ def test_ranks_finishing_far_apart_wait_on_no_collective(tiny, tmp_path):
     assert len(read_folder(out)) == 38
 
 
-def _cli(tiny, *args, out) -> list[str]:
-    from embed_tools import embed_command
-    return embed_command(tiny, *args, out=out)
-
-
 def test_a_rank_without_units_does_not_load_the_model(tiny, tmp_path):
     pattern = _shards(tmp_path / 'shards', [5])
     out = tmp_path / 'out'
-    result = subprocess.run([*TORCHRUN, *_cli(tiny, pattern, out=out)], capture_output=True, text=True, timeout=600)
+    result = run_embed(tiny, pattern, out=out, launcher=TORCHRUN)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / 'summary.json').read_text())
     assert [(r['rank'], r['units'], r['model_loaded']) for r in summary['ranks']] == [(0, 1, True), (1, 0, False)]
@@ -141,8 +132,7 @@ def test_a_rank_without_units_does_not_load_the_model(tiny, tmp_path):
 
 def test_one_gpu_named_for_every_rank_is_a_usage_error(tiny, tmp_path):
     pattern = _shards(tmp_path / 'shards', [2])
-    result = subprocess.run([*TORCHRUN, *_cli(tiny, pattern, '--device', 'cuda:1', out=tmp_path / 'out')],
-                            capture_output=True, text=True, timeout=600)
+    result = run_embed(tiny, pattern, '--device', 'cuda:1', out=tmp_path / 'out', launcher=TORCHRUN)
     assert result.returncode != 0
     assert ('eva-open-clip embed: --device cuda:1 would put all 2 ranks of this node on one GPU: give --device cuda '
             '(each rank takes cuda:LOCAL_RANK)') in result.stderr
@@ -151,8 +141,7 @@ def test_one_gpu_named_for_every_rank_is_a_usage_error(tiny, tmp_path):
 
 def test_npy_output_under_torchrun_is_refused(tiny, tmp_path):
     pattern = _shards(tmp_path / 'shards', [2])
-    result = subprocess.run([*TORCHRUN, *_cli(tiny, pattern, out=tmp_path / 'x.npy')], capture_output=True,
-                            text=True, timeout=600)
+    result = run_embed(tiny, pattern, out=tmp_path / 'x.npy', launcher=TORCHRUN)
     assert result.returncode != 0
     assert 'eva-open-clip embed: --out FILE.npy is written by one process: under torchrun give --out DIR' in result.stderr
 
@@ -257,16 +246,16 @@ def test_small_shared_memory_lowers_the_prefetch_or_says_what_to_do(tiny, tmp_pa
     pattern = _shards(tmp_path / 'shards', [40, 40])
     reference = run_embed(tiny, pattern, '--workers', '2', out=tmp_path / 'reference')
     assert reference.returncode == 0, reference.stderr[-3000:]
-    cli = [sys.executable, '-m', 'eva_open_clip']
+    cli = COMMANDS['module']
     # the tiny model's batches of 16: 0.57 MiB each, counted twice while handed over; 6 MiB holds 2 per worker
     # for 2 workers, not 4
-    result = _with_small_shm('6m', [*cli, *_cli(tiny, pattern, '--workers', '2', '--batch-size', '16',
+    result = _with_small_shm('6m', [*cli, *embed_command(tiny, pattern, '--workers', '2', '--batch-size', '16',
                                                out=tmp_path / 'out')])
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'note: /dev/shm has 6 MB free: each decoding worker keeps 2 batch(es) ready instead of 4' in result.stderr
     same_rows(tmp_path / 'reference', tmp_path / 'out')
     # batches of 256 (9.6 MB): not one fits
-    result = _with_small_shm('8m', [*cli, *_cli(tiny, pattern, '--workers', '2', '--batch-size', '256',
+    result = _with_small_shm('8m', [*cli, *embed_command(tiny, pattern, '--workers', '2', '--batch-size', '256',
                                                 out=tmp_path / 'big')])
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from embed_tools import add_member, api_features, no_strays, png, read_folder, run_embed, same_output, same_rows
+from support.cli import run_cli
+from support.embed import add_member, api_features, no_strays, png, read_folder, run_embed, same_output, same_rows
 
 
 def _images(folder: Path, numbers) -> list[Path]:
@@ -267,12 +267,10 @@ def test_input_errors_are_one_line_before_the_model_loads(tiny, tmp_path):
     cases[('--files-from', str(tmp_path / 'list.txt'))] = \
         f'{tmp_path / "gone.png"}: no such file (line 1 of --files-from {tmp_path / "list.txt"})'
     for args, message in cases.items():
-        cmd = [sys.executable, '-m', 'eva_open_clip', 'embed', *args, '--out', str(tmp_path / 'out'), *no_model]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        result = run_cli('embed', *args, '--out', tmp_path / 'out', *no_model)
         assert _one_line_error(result, 2) == f'eva-open-clip embed: {message}'
     for flag in ('--part-size', '--batch-size'):
-        cmd = [sys.executable, '-m', 'eva_open_clip', 'embed', str(tmp_path), '--out', str(tmp_path / 'o'), flag, '0']
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        result = run_cli('embed', tmp_path, '--out', tmp_path / 'o', flag, '0')
         assert _one_line_error(result, 2) == f'eva-open-clip embed: {flag} must be at least 1'
     assert not (tmp_path / 'o').exists()
 

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from embed_tools import (add_member, api_features, embed_here, no_strays, png, read_folder, run_embed, same_output,
+from support.cli import COMMANDS
+from support.embed import (add_member, api_features, embed_here, no_strays, png, read_folder, run_embed, same_output,
                          same_rows)
 from eva_open_clip.folder import part_name, sortable_number
 from eva_open_clip.names import name_text, original_name
@@ -343,7 +343,7 @@ def test_an_unreadable_input_subfolder_is_named(tiny, tmp_path):
     drop = ('setpriv', '--bounding-set', '-dac_override,-dac_read_search') if os.geteuid() == 0 else ()
     try:
         result = run_embed(tiny, images, '--workers', '0', out=tmp_path / 'out',
-                           launcher=(*drop, sys.executable, '-m', 'eva_open_clip'))
+                           launcher=(*drop, *COMMANDS['module']))
     finally:
         (images / 'locked').chmod(0o755)
     line = _one_line_error(result, 2)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from eva_open_clip.npy_output import embed_to_npy
-from conftest import DATA
+from support.checkpoints import DATA
 
 
 class _Interrupting:

@@ -7,7 +7,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import golden, model_name, rel_err, released_state_dict
+from support.checkpoints import golden, model_name, rel_err, released_state_dict
 
 MAX_MESSAGE = 2000
 

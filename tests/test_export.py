@@ -14,12 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import eva_open_clip.export as export
-from conftest import DATA, golden, model_name, needs_open_clip, rel_err
-
-
-def _cli(*args, **kwargs):
-    return subprocess.run([sys.executable, '-m', 'eva_open_clip', *map(str, args)], capture_output=True,
-                          text=True, timeout=600, **kwargs)
+from support.cli import run_cli
+from support.checkpoints import DATA, golden, model_name, needs_open_clip, rel_err
 
 
 @needs_open_clip((3, 0), "'local-dir:' loading")
@@ -74,10 +70,10 @@ def test_cli_convert_with_a_custom_config(tmp_path, tiny_checkpoint):
     config = tmp_path / 'tiny.json'
     config.write_text(json.dumps(golden('tiny_a')['config']))
     out = tmp_path / 'out'
-    result = _cli('convert', tiny_checkpoint, out, '--model', 'my-tiny', '--config', config)
+    result = run_cli('convert', tiny_checkpoint, out, '--model', 'my-tiny', '--config', config)
     assert result.returncode == 0, result.stderr
     assert (out / 'open_clip_model.safetensors').is_file()
-    again = _cli('convert', tiny_checkpoint, out, '--model', 'my-tiny', '--config', config)
+    again = run_cli('convert', tiny_checkpoint, out, '--model', 'my-tiny', '--config', config)
     assert again.returncode == 2 and 'Traceback' not in again.stderr
     assert again.stderr.strip().splitlines() == [
         f'eva-open-clip convert: {out} exists and is not empty (use --force to replace it)']
@@ -86,7 +82,7 @@ def test_cli_convert_with_a_custom_config(tmp_path, tiny_checkpoint):
 def test_cli_convert_names_the_bad_file(tmp_path):
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(b'not a checkpoint')
-    result = _cli('convert', bad, tmp_path / 'out', '--model', 'EVA_CLIP_g_14')
+    result = run_cli('convert', bad, tmp_path / 'out', '--model', 'EVA_CLIP_g_14')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f'eva-open-clip convert: {bad}: ')
     assert not (tmp_path / 'out').exists()
@@ -104,7 +100,7 @@ def test_g14_export_loads_in_plain_open_clip(tmp_path, g14_checkpoint):
     del model
     torch.save(reference, tmp_path / 'reference.pt')
     out = tmp_path / 'EVA_CLIP_g_14'
-    result = _cli('convert', g14_checkpoint, out)
+    result = run_cli('convert', g14_checkpoint, out)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / 'open_clip_config.json').read_text())
     assert config['model_cfg']['vision_cfg']['timm_model_name'] == 'eva_giant_patch14_224'

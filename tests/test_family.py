@@ -11,7 +11,7 @@ from PIL import Image
 import eva_open_clip
 from eva_open_clip.empty_build import empty_build, meta_model
 from eva_open_clip.registry import BUILTIN_MODELS, model_configs_dir
-from conftest import (DATA, eva_clip_rope_tables, golden, manifest, model_name, needs_open_clip, random_checkpoint, rel_err,
+from support.checkpoints import (DATA, full_size_checkpoint, eva_clip_rope_tables, golden, manifest, model_name, needs_open_clip, rel_err,
                       released_state_dict)
 
 FAMILY = [r.name for r in BUILTIN_MODELS]
@@ -102,17 +102,6 @@ def test_shipped_configs_are_the_eva_clip_ones():
     for name in FAMILY:
         cfg = json.loads((model_configs_dir() / f'{name}.json').read_text())
         assert set(cfg) == {'embed_dim', 'vision_cfg', 'text_cfg'}
-
-
-def full_size_checkpoint(name, dtype=torch.float16):
-    shapes = manifest(name)
-    sd = random_checkpoint({k: s for k, s in shapes.items() if '.rope.' not in k}, dtype=dtype)
-    cfg = json.loads((model_configs_dir() / f'{name}.json').read_text())['vision_cfg']
-    cos, sin = eva_clip_rope_tables(cfg['head_width'], cfg['image_size'] // cfg['patch_size'], cfg['pt_hw_seq_len'])
-    for key in shapes:
-        if '.rope.' in key:
-            sd[key] = (cos if key.endswith('cos') else sin).to(dtype)
-    return {k: sd[k] for k in shapes}
 
 
 @pytest.mark.full_size

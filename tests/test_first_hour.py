@@ -21,29 +21,24 @@ import torch
 from PIL import Image
 
 import eva_open_clip
-from eva_open_clip import cli
 from eva_open_clip.inference import BUNDLED_IMAGE
 from eva_open_clip.progress import Progress
 from eva_open_clip.registry import BUILTIN_MODELS
-from conftest import DATA, golden, released_state_dict
+from support.checkpoints import DATA, golden, released_state_dict
+from support.cli import main_here, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main(*argv) -> tuple[int, str, str]:
-    """(exit status, standard output, standard error) of `eva-open-clip ARGV`, run in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as e:  # argparse's own usage errors and --help
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+def run_here(*args) -> tuple[int, str, str]:
+    """(exit status, standard output, standard error) of `eva-open-clip ARGS`, run in this process."""
+    result = main_here(*args)
+    return result.returncode, result.stdout, result.stderr
 
 
-def one_line(code: int, result: tuple[int, str, str]) -> str:
+def one_line(code: int, result: subprocess.CompletedProcess) -> str:
     """The one line on standard error of a command that exited with `code`."""
-    got, _, err = result
+    got, err = result.returncode, result.stderr
     assert got == code, err[-3000:]
     assert 'Traceback' not in err
     lines = err.strip().splitlines()
@@ -64,25 +59,25 @@ def files(tmp_path_factory):
 
 
 def tiny_args(files: Path, pretrained: str | None = None) -> list[str]:
-    return ['--register', f'fh_tiny={files / "tiny_a.json"}', '--model', 'fh_tiny',
+    return ['--register', f'test-tiny_a={files / "tiny_a.json"}', '--model', 'test-tiny_a',
             '--pretrained', pretrained or str(files / 'tiny_a.pt'), '--device', 'cpu']
 
 
 # 1. every mistake is one line, never a traceback
 
 def test_missing_labels_file(files):
-    line = one_line(2, main('classify', files / 'x.png', '--labels-file', files / 'nofile.txt', *tiny_args(files)))
+    line = one_line(2, main_here('classify', files / 'x.png', '--labels-file', files / 'nofile.txt', *tiny_args(files)))
     assert line == f'eva-open-clip classify: --labels-file {files / "nofile.txt"}: No such file or directory'
 
 
 def test_register_of_a_missing_config(files):
-    line = one_line(2, main('run', '--register', f't={files / "nofile.json"}', '-m', 'json.tool'))
+    line = one_line(2, main_here('run', '--register', f't={files / "nofile.json"}', '-m', 'json.tool'))
     assert line == f'eva-open-clip run: {files / "nofile.json"}: No such file or directory'
-    line = one_line(2, main('run', '--register', 'no-equals-sign', '-m', 'json.tool'))
+    line = one_line(2, main_here('run', '--register', 'no-equals-sign', '-m', 'json.tool'))
     assert line == "eva-open-clip run: --register takes NAME=CONFIG.json, got 'no-equals-sign'"
-    assert one_line(2, main('run', '-m', 'no_such_module_here')) == \
+    assert one_line(2, main_here('run', '-m', 'no_such_module_here')) == \
         'eva-open-clip run: -m no_such_module_here: no module of that name is installed in this environment'
-    assert one_line(2, main('run')).startswith('eva-open-clip run: give -m MODULE or a SCRIPT to run')
+    assert one_line(2, main_here('run')).startswith('eva-open-clip run: give -m MODULE or a SCRIPT to run')
 
 
 @pytest.mark.parametrize('content,problem', [
@@ -99,20 +94,20 @@ def test_convert_with_a_bad_config(files, tmp_path, content, problem):
         content = json.dumps(cfg)
     if content is not None:
         config.write_text(content)
-    line = one_line(2, main('convert', files / 'tiny_a.pt', tmp_path / 'out', '--model', 'fh_custom',
+    line = one_line(2, main_here('convert', files / 'tiny_a.pt', tmp_path / 'out', '--model', 'fh_custom',
                             '--config', config))
     assert line.startswith(f'eva-open-clip convert: {config}: {problem}'), line
     assert not (tmp_path / 'out').exists()
 
 
 def test_convert_of_a_missing_checkpoint(tmp_path):
-    line = one_line(2, main('convert', tmp_path / 'eva_clip_psz14.pt', tmp_path / 'out'))
+    line = one_line(2, main_here('convert', tmp_path / 'eva_clip_psz14.pt', tmp_path / 'out'))
     assert line == f'eva-open-clip convert: {tmp_path / "eva_clip_psz14.pt"}: no such file'
     assert not (tmp_path / 'out').exists()
 
 
 def test_convert_config_needs_a_model_name(files, tmp_path):
-    line = one_line(2, main('convert', files / 'tiny_a.pt', tmp_path / 'out', '--config', files / 'tiny_a.json'))
+    line = one_line(2, main_here('convert', files / 'tiny_a.pt', tmp_path / 'out', '--config', files / 'tiny_a.json'))
     assert line == 'eva-open-clip convert: --config needs --model NAME to register it under'
 
 
@@ -131,18 +126,18 @@ def test_a_device_torch_cannot_use_here(files, device, problem):
         if torch.cuda.is_available():
             problem = f'this machine has {torch.cuda.device_count()} CUDA GPU(s)'
     args = tiny_args(files, str(files / 'broken.pt'))[:-1] + [device]
-    line = one_line(2, main('classify', files / 'x.png', *args))
+    line = one_line(2, main_here('classify', files / 'x.png', *args))
     assert line.startswith(f'eva-open-clip classify: --device {device}: {problem}'), line
 
 
 def test_a_file_of_another_architecture_names_both(files, b16_checkpoint):
     """open_clip's own EVA02-B-16 (timm's re-converted weights) given a released file: open_clip's
     AssertionError becomes one line naming the file, the model, and the model the file fits."""
-    line = one_line(1, main('classify', files / 'x.png', '--model', 'EVA02-B-16', '--pretrained', b16_checkpoint,
+    line = one_line(1, main_here('classify', files / 'x.png', '--model', 'EVA02-B-16', '--pretrained', b16_checkpoint,
                             '--device', 'cpu'))
     assert line.startswith(f'eva-open-clip classify: --pretrained {b16_checkpoint} does not fit --model EVA02-B-16 (')
     assert line.endswith('; its keys and shapes are those of EVA02-CLIP-B-16: give --model EVA02-CLIP-B-16')
-    line = one_line(1, main('classify', files / 'x.png', '--model', 'EVA02-B-16',
+    line = one_line(1, main_here('classify', files / 'x.png', '--model', 'EVA02-B-16',
                             '--pretrained', files / 'e02_tiny_a.pt', '--device', 'cpu'))
     assert line.endswith('give the --model it was made for (a custom architecture: --register NAME=CONFIG.json '
                          '--model NAME)')
@@ -152,37 +147,37 @@ def test_inputs_are_checked_before_the_model_is_loaded(files, tmp_path):
     """The checkpoint given is damaged: each mistake below is found first, with nothing written."""
     broken = tiny_args(files, str(files / 'broken.pt'))
     out = tmp_path / 'out.npy'
-    line = one_line(2, main('embed', '--text-file', tmp_path / 'nope.txt', '--out', out, *broken))
+    line = one_line(2, main_here('embed', '--text-file', tmp_path / 'nope.txt', '--out', out, *broken))
     assert line == f'eva-open-clip embed: --text-file {tmp_path / "nope.txt"}: No such file or directory'
-    line = one_line(2, main('embed', tmp_path / 'missing.png', '--out', out, *broken))
+    line = one_line(2, main_here('embed', tmp_path / 'missing.png', '--out', out, *broken))
     assert str(tmp_path / 'missing.png') in line
-    line = one_line(2, main('classify', tmp_path / 'missing.png', *broken))
+    line = one_line(2, main_here('classify', tmp_path / 'missing.png', *broken))
     assert str(tmp_path / 'missing.png') in line
     (tmp_path / 'a.tar').write_bytes(b'')
-    line = one_line(2, main('classify', tmp_path / 'a.tar', *broken))
+    line = one_line(2, main_here('classify', tmp_path / 'a.tar', *broken))
     assert line.endswith('a.tar is a tar shard: classify takes image files and folders of them '
                          '(`eva-open-clip embed` reads shards)')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.out.npy.lock', 'a.tar']  # no output, no scratch
     # and the damaged checkpoint itself is a failure during the run, named
-    assert one_line(1, main('classify', files / 'x.png', *broken)).startswith(
+    assert one_line(1, main_here('classify', files / 'x.png', *broken)).startswith(
         f'eva-open-clip classify: {files / "broken.pt"}: ')
 
 
 # 2. exit statuses: usage errors before loading are 2; nothing to show is 1
 
 def test_unknown_model_suggests_the_closest(files):
-    line = one_line(2, main('classify', '--model', 'EVA02-CLIP-B16'))
+    line = one_line(2, main_here('classify', '--model', 'EVA02-CLIP-B16'))
     assert line.startswith("eva-open-clip classify: --model EVA02-CLIP-B16: no such model; did you mean "
                            "'EVA02-CLIP-B-16'")
     assert '`eva-open-clip models` lists the EVA-CLIP models' in line
-    line = one_line(2, main('embed', files / 'x.png', '--out', files / 'o.npy', '--model', 'zzqx'))
+    line = one_line(2, main_here('embed', files / 'x.png', '--out', files / 'o.npy', '--model', 'zzqx'))
     assert line == ('eva-open-clip embed: --model zzqx: no such model (`eva-open-clip models` lists the EVA-CLIP '
                     'models; a custom config: --register zzqx=CONFIG.json)')
 
 
 @pytest.mark.parametrize('template', ['a photo', 'a {0} and {1}', 'a {label}', 'a {'])
 def test_bad_template_is_a_usage_error(files, template):
-    line = one_line(2, main('classify', files / 'x.png', '--template', template,
+    line = one_line(2, main_here('classify', files / 'x.png', '--template', template,
                             *tiny_args(files, str(files / 'broken.pt'))))
     assert line.startswith(f"eva-open-clip classify: --template {template!r}: write '{{}}' where the label goes")
 
@@ -190,7 +185,7 @@ def test_bad_template_is_a_usage_error(files, template):
 def test_classify_with_nothing_decodable_fails_in_one_line(files, tmp_path):
     for name in ('a.png', 'b.jpg'):
         (tmp_path / name).write_bytes(b'not an image')
-    code, out, err = main('classify', tmp_path, *tiny_args(files))
+    code, out, err = run_here('classify', tmp_path, *tiny_args(files))
     assert (code, out) == (1, '')
     assert err.strip() == f'eva-open-clip classify: none of the 2 image(s) could be decoded, e.g. {tmp_path / "a.png"}'
 
@@ -198,12 +193,13 @@ def test_classify_with_nothing_decodable_fails_in_one_line(files, tmp_path):
 # 3. a custom model on the command line; the models command; suggestions from Python too
 
 def test_register_on_classify_gives_the_api_probabilities(files):
-    code, out, err = main('classify', files / 'x.png', '--labels', 'a diagram', 'a dog', '--json', *tiny_args(files))
+    code, out, err = run_here('classify', files / 'x.png', '--labels', 'a diagram', 'a dog', '--json',
+                              *tiny_args(files))
     assert code == 0, err
     [entry] = json.loads(out)
-    model, _, preprocess = open_clip.create_model_and_transforms('fh_tiny', pretrained=str(files / 'tiny_a.pt'))
+    model, _, preprocess = open_clip.create_model_and_transforms('test-tiny_a', pretrained=str(files / 'tiny_a.pt'))
     model.eval()
-    tokenizer = open_clip.get_tokenizer('fh_tiny')
+    tokenizer = open_clip.get_tokenizer('test-tiny_a')
     with torch.no_grad():
         image = model.encode_image(preprocess(Image.open(files / 'x.png')).unsqueeze(0), normalize=True)
         text = model.encode_text(tokenizer(['a diagram', 'a dog']), normalize=True)
@@ -223,26 +219,21 @@ def _fake_hub_cache(cache: Path, hub_file: str, content: bytes) -> Path:
     return snapshot / name
 
 
-def _command(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', 'eva_open_clip', *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, **(env or {})))
-
-
 def test_models_lists_names_tags_files_and_the_cache(files, tmp_path):
     cached = _fake_hub_cache(tmp_path / 'cache', 'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt', b'weights')
     env = {'HF_HUB_CACHE': str(tmp_path / 'cache'), 'HF_HUB_OFFLINE': '1'}
-    result = _command('models', '--json', '--register', f'fh_tiny={files / "tiny_a.json"}', env=env)
+    result = run_cli('models', '--json', '--register', f'test-tiny_a={files / "tiny_a.json"}', env=env)
     assert result.returncode == 0, result.stderr
     rows = {r['model']: r for r in json.loads(result.stdout)}
-    assert list(rows) == [*(r.name for r in BUILTIN_MODELS), 'fh_tiny']
+    assert list(rows) == [*(r.name for r in BUILTIN_MODELS), 'test-tiny_a']
     for release in BUILTIN_MODELS:
         assert rows[release.name] == dict(model=release.name, tag=release.tag, params=release.params,
                                           hub_file=release.hub_file, file_size=release.file_size,
                                           cached=str(cached) if release.name == 'EVA02-CLIP-B-16' else None)
-    n = sum(p.numel() for p in open_clip.create_model('fh_tiny').parameters())
-    assert rows['fh_tiny'] == dict(model='fh_tiny', tag=None, params=f'{n / 1e6:.3g}M', hub_file=None,
+    n = sum(p.numel() for p in open_clip.create_model('test-tiny_a').parameters())
+    assert rows['test-tiny_a'] == dict(model='test-tiny_a', tag=None, params=f'{n / 1e6:.3g}M', hub_file=None,
                                    file_size=None, cached=None)
-    table = _command('models', env=env)
+    table = run_cli('models', env=env)
     assert table.returncode == 0 and table.stderr == ''
     b16 = next(line for line in table.stdout.splitlines() if line.startswith('EVA02-CLIP-B-16 '))
     assert b16.split() == ['EVA02-CLIP-B-16', 'merged2b_s8b_b131k', '150M',
@@ -264,7 +255,7 @@ def test_a_misspelled_tag_from_python_lists_the_tags():
     assert str(error.value) == ("merged2b_s8b: no such file, nor a pretrained tag of EVA02-CLIP-B-16 (its tags: "
                                 "merged2b_s8b_b131k); did you mean 'merged2b_s8b_b131k'?")
     assert isinstance(error.value, eva_open_clip.CheckpointError)
-    line = one_line(2, main('classify', '--model', 'EVA02-CLIP-B-16', '--pretrained', 'laion2b'))
+    line = one_line(2, main_here('classify', '--model', 'EVA02-CLIP-B-16', '--pretrained', 'laion2b'))
     assert line == ('eva-open-clip classify: --pretrained laion2b: no such file, nor a pretrained tag of '
                     'EVA02-CLIP-B-16 (its tags: merged2b_s8b_b131k)')
 
@@ -273,7 +264,7 @@ def test_a_misspelled_tag_from_python_lists_the_tags():
 
 def test_an_unreachable_hub_fails_at_once_saying_what_to_do(tmp_path):
     env = {'HF_HUB_CACHE': str(tmp_path / 'empty'), 'HF_ENDPOINT': 'http://127.0.0.1:9'}  # nothing listens there
-    result = _command('classify', '--model', 'EVA02-CLIP-B-16', env=env)
+    result = run_cli('classify', '--model', 'EVA02-CLIP-B-16', env=env)
     assert result.returncode == 1 and 'Retry' not in result.stderr  # one request, no retries
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith('eva-open-clip classify: --pretrained merged2b_s8b_b131k: '
@@ -291,14 +282,14 @@ def test_a_cached_tag_loads_without_network(files, tmp_path):
     script.write_text(
         'import sys, eva_open_clip\n'
         'from eva_open_clip import cli\n'
-        f'eva_open_clip.register_eva_model("fh_tiny", {str(files / "tiny_a.json")!r}, '
+        f'eva_open_clip.register_eva_model("test-tiny_a", {str(files / "tiny_a.json")!r}, '
         'pretrained={"demo": "example/tiny/tiny_a.pt"})\n'
-        f'sys.exit(cli.main(["classify", {str(files / "x.png")!r}, "--model", "fh_tiny", "--json"]))\n')
+        f'sys.exit(cli.main(["classify", {str(files / "x.png")!r}, "--model", "test-tiny_a", "--json"]))\n')
     env = {'HF_HUB_CACHE': str(tmp_path / 'cache'), 'HF_ENDPOINT': 'http://127.0.0.1:9'}
-    result = _command('run', script, env=env)
+    result = run_cli('run', script, env=env)
     assert result.returncode == 0, result.stderr
     by_tag = json.loads(result.stdout)
-    by_path = json.loads(main('classify', files / 'x.png', *tiny_args(files), '--json')[1])
+    by_path = json.loads(main_here('classify', files / 'x.png', *tiny_args(files), '--json').stdout)
     assert [x['label'] for x in by_tag[0]['labels']] == [x['label'] for x in by_path[0]['labels']]
     assert [x['prob'] for x in by_tag[0]['labels']] == pytest.approx([x['prob'] for x in by_path[0]['labels']],
                                                                      abs=1e-6)
@@ -336,17 +327,17 @@ def test_npy_output_is_quiet_or_plain_and_ends_in_one_line(files, tmp_path):
         (images / name).write_bytes((DATA / 'images' / name).read_bytes())
     (images / 'broken.png').write_bytes(b'not an image')
     args = ('embed', images, '--workers', '0', *tiny_args(files))
-    code, _, quiet = main(*args, '--out', tmp_path / 'q.npy', '--quiet')
+    code, _, quiet = run_here(*args, '--out', tmp_path / 'q.npy', '--quiet')
     assert code == 0
     assert quiet.strip().splitlines() == [
         f'warning: skipped 1 sample(s): {images / "broken.png"} (undecodable_image)',
         f'embedded 2 samples into {tmp_path / "q.npy"} and {tmp_path / "q.paths.txt"} (1 skipped: undecodable_image 1)']
-    code, _, logged = main(*args, '--out', tmp_path / 'p.npy', '--progress-interval', '0')
+    code, _, logged = run_here(*args, '--out', tmp_path / 'p.npy', '--progress-interval', '0')
     assert code == 0 and '\r' not in logged
     assert [line for line in logged.splitlines() if line.startswith('progress: ')][-1].startswith(
         'progress: 3/3 images done, ')
     assert np.array_equal(np.load(tmp_path / 'q.npy'), np.load(tmp_path / 'p.npy'))
-    code, _, text = main('embed', '--text-file', DATA / 'README.md', '--out', tmp_path / 't.npy',
+    code, _, text = run_here('embed', '--text-file', DATA / 'README.md', '--out', tmp_path / 't.npy',
                          '--quiet', *tiny_args(files))
     lines = [line for line in (DATA / 'README.md').read_text().splitlines() if line.strip()]
     assert code == 0 and text.strip() == (f'embedded {len(lines)} samples into {tmp_path / "t.npy"} and '
@@ -357,7 +348,7 @@ def test_folder_output_final_line_and_summary(files, tmp_path):
     image = tmp_path / 'one.png'
     image.write_bytes((DATA / 'images' / 'palette_120.png').read_bytes())
     out = tmp_path / 'out'
-    code, _, err = main('embed', image, '--out', out, '--workers', '0', '--quiet', *tiny_args(files))
+    code, _, err = run_here('embed', image, '--out', out, '--workers', '0', '--quiet', *tiny_args(files))
     assert code == 0, err
     assert err.strip().splitlines()[-1] == \
         f'embedded 1 sample of 1 unit into {out} (none skipped); this run: 1 sample on 1 rank'
@@ -400,8 +391,8 @@ def test_the_readme_open_clip_example_runs_as_pasted(b16_checkpoint):
     namespace: dict = {}
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(runnable, 'README.md', 'exec'), namespace)
-    code, out, err = main('classify', '--model', 'EVA02-CLIP-B-16', '--pretrained', b16_checkpoint, '--device', 'cpu',
-                          '--json')
+    code, out, err = run_here('classify', '--model', 'EVA02-CLIP-B-16', '--pretrained', b16_checkpoint,
+                              '--device', 'cpu', '--json')
     assert code == 0, err
     got = {x['label']: x['prob'] for x in json.loads(out)[0]['labels']}
     assert namespace['probs'][0].tolist() == pytest.approx([got['a diagram'], got['a dog'], got['a cat']], abs=1e-5)
@@ -410,7 +401,7 @@ def test_the_readme_open_clip_example_runs_as_pasted(b16_checkpoint):
 # more of the first hour: a file taken for a label, Ctrl-C, a GPU out of memory
 
 def test_an_image_after_labels_is_not_taken_for_a_label(files):
-    line = one_line(2, main('classify', '--labels', 'a cat', 'a dog', files / 'x.png', *tiny_args(files)))
+    line = one_line(2, main_here('classify', '--labels', 'a cat', 'a dog', files / 'x.png', *tiny_args(files)))
     assert line == (f'eva-open-clip classify: --labels took {files / "x.png"}, a file, for a label: give the images '
                     f'before --labels (classify {files / "x.png"} --labels ...)')
 
@@ -419,8 +410,7 @@ def test_ctrl_c_is_one_line(files, tmp_path):
     import signal
     fifo = tmp_path / 'labels'
     os.mkfifo(fifo)
-    job = subprocess.Popen([sys.executable, '-m', 'eva_open_clip', 'classify', files / 'x.png', '--labels-file', fifo,
-                            *tiny_args(files)], stderr=subprocess.PIPE, text=True)
+    job = run_cli('classify', files / 'x.png', '--labels-file', fifo, *tiny_args(files), background=True)
     writer = os.open(fifo, os.O_WRONLY)  # returns once the command has opened the list: it now waits in read()
     try:
         job.send_signal(signal.SIGINT)
@@ -448,3 +438,32 @@ def test_a_gpu_out_of_memory_says_to_lower_the_batch_size(tmp_path):
         encoder.encode_pixels(torch.zeros(64, 3, 8, 8))
     assert str(error.value) == ('cpu ran out of memory on a batch of 64: give a smaller --batch-size (an output '
                                 'folder resumes where it stopped), or --precision bf16')
+
+
+# 8. no more decoding workers than units
+
+class _CountingWorkers:
+    """Stands in for the model: each batch's features from its pixels; counts the decoding workers alive."""
+
+    device_type = 'cpu'
+
+    def __init__(self):
+        self.workers_seen = set()
+
+    @staticmethod
+    def preprocess(image):
+        return torch.full((3, 4, 4), float(image.size[0]))
+
+    def encode_pixels(self, pixels):
+        import multiprocessing
+        self.workers_seen.add(len(multiprocessing.active_children()))
+        return torch.nn.functional.normalize(pixels.flatten(1)[:, :4] + 1, dim=-1)
+
+
+def test_no_more_workers_than_units(tmp_path):
+    from eva_open_clip.npy_output import embed_to_npy
+    encoder = _CountingWorkers()
+    rows, skipped = embed_to_npy(lambda: encoder, [str(DATA / 'images' / 'palette_120.png')], tmp_path / 'one.npy',
+                                 workers=8)
+    assert (rows, skipped) == (1, []) and encoder.workers_seen == {1}  # one unit: one worker, not 8
+    assert np.load(tmp_path / 'one.npy').shape == (1, 4)

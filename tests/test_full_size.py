@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DATA, G14_VALUES
+from support.checkpoints import DATA, G14_VALUES
 
 pytestmark = pytest.mark.full_size
 

@@ -10,7 +10,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import model_name
+from support.checkpoints import model_name
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import eva_open_clip
-from conftest import golden, model_name, rel_err, released_state_dict
+from support.checkpoints import golden, model_name, rel_err, released_state_dict
 
 
 def _visual_only(case, prefix):

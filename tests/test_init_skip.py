@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eva_open_clip import convert_state_dict
-from conftest import golden, model_name, needs_open_clip, rel_err, released_state_dict
+from support.checkpoints import golden, model_name, needs_open_clip, rel_err, released_state_dict
 
 original_create_model = oc_factory.create_model.__wrapped__  # open_clip's own, without our seam
 

@@ -5,7 +5,7 @@ import torch
 
 from eva_open_clip import convert_state_dict
 from eva_open_clip.layout import is_released_layout, unwrap_state_dict
-from conftest import released_state_dict
+from support.checkpoints import released_state_dict
 
 
 def test_pure_and_idempotent():

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from eva_open_clip import mapped_checkpoint
 from eva_open_clip.checkpoint import read_state_dict
-from conftest import golden, model_name, rel_err, released_state_dict
+from support.checkpoints import golden, model_name, rel_err, released_state_dict
 
 
 def _digest(path) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REFERENCE_CASES, golden, model_name, needs_open_clip, needs_timm, rel_err, released_state_dict
+from support.checkpoints import REFERENCE_CASES, golden, model_name, needs_open_clip, needs_timm, rel_err, released_state_dict
 
 PRECISIONS = ['fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16']
 AUTOCAST = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}

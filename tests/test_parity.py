@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import DATA, golden, model_name, rel_err, released_state_dict
+from support.checkpoints import DATA, golden, model_name, rel_err, released_state_dict
 
 
 def _features(model, case):

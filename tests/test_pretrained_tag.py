@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from conftest import DATA, released_state_dict
+from support.checkpoints import DATA, released_state_dict
 
 
 def _hub_cache(root, repo_id, filename, state_dict):
@@ -29,7 +29,7 @@ def test_tag_resolves_offline_from_the_hub_cache(tmp_path):
     code = textwrap.dedent(f'''
         import sys, torch, open_clip, eva_open_clip
         sys.path.insert(0, {str(DATA.parent)!r})
-        from conftest import golden, rel_err
+        from support.checkpoints import golden, rel_err
         g = golden('tiny_a')
         eva_open_clip.register_eva_model('test-tagged', g['config'],
                                          pretrained={{'tiny_s1b_b1k': 'eva-test/tiny-eva/tiny_psz14.pt'}})

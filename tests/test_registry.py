@@ -13,7 +13,7 @@ import eva_open_clip
 from eva_open_clip.empty_build import empty_build, meta_model
 from eva_open_clip.configs import build_spec
 from eva_open_clip.registry import BUILTIN_MODELS, get_eva_model, model_configs_dir
-from conftest import DATA, golden
+from support.checkpoints import DATA, golden
 
 
 def test_g14_is_an_open_clip_model():

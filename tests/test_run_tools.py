@@ -5,23 +5,23 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from eva_open_clip import versions
-from conftest import golden, released_state_dict
+from support.cli import run_cli
+from support.checkpoints import golden, released_state_dict
 
 TRAIN = ['-m', versions.TRAINER_MODULE, '--dataset-type', 'synthetic', '--epochs', '1', '--workers', '0',
          *(['--device', 'cpu'] if versions.OPEN_CLIP >= (2, 29) else []), '--lr', '1e-3', '--warmup', '1', '--zeroshot-frequency', '0', '--seed', '0',
          '--precision', 'fp32']
 
 
-def _run(args, cwd, timeout=900):
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+def _run(*args, cwd, launcher=None, timeout=900):
+    """`eva-open-clip ARGS` in `cwd`, unbuffered (the trainer's log lines are read)."""
+    return run_cli(*args, cwd=cwd, launcher=launcher, timeout=timeout, env={'PYTHONUNBUFFERED': '1'})
 
 
 def _losses(log: str) -> list[float]:
@@ -36,9 +36,9 @@ def tiny_files(tmp_path):
 
 
 def test_trainer_on_a_tiny_model_updates_every_tower(tiny_files):
-    result = _run([sys.executable, '-m', 'eva_open_clip', 'run', '--register', 'tiny=tiny.json', *TRAIN,
+    result = _run('run', '--register', 'tiny=tiny.json', *TRAIN,
                    '--model', 'tiny', '--pretrained', 'tiny.pt', '--train-num-samples', '8', '--batch-size', '4',
-                   '--logs', str(tiny_files / 'logs'), '--name', 'tiny'], cwd=tiny_files)
+                   '--logs', str(tiny_files / 'logs'), '--name', 'tiny', cwd=tiny_files)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     losses = _losses(log)
@@ -54,9 +54,9 @@ def test_trainer_on_a_tiny_model_updates_every_tower(tiny_files):
 def test_trainer_distributed_on_cpu_with_torchrun(tiny_files):
     torchrun = shutil.which('torchrun', path=os.path.dirname(sys.executable)) or shutil.which('torchrun')
     # torchrun's own options include --logs-specs, so '--logs' cannot follow it: logs go to ./logs
-    result = _run([torchrun, '--nproc_per_node', '2', '-m', 'eva_open_clip', 'run', '--register', 'tiny=tiny.json',
-                   *TRAIN, '--model', 'tiny', '--pretrained', 'tiny.pt', '--train-num-samples', '8',
-                   '--batch-size', '2', '--name', 'ddp', '--dist-backend', 'gloo'], cwd=tiny_files)
+    result = _run('run', '--register', 'tiny=tiny.json', *TRAIN, '--model', 'tiny', '--pretrained', 'tiny.pt',
+                  '--train-num-samples', '8', '--batch-size', '2', '--name', 'ddp', '--dist-backend', 'gloo',
+                  cwd=tiny_files, launcher=(torchrun, '--standalone', '--nproc_per_node', '2', '-m', 'eva_open_clip'))
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert 'Running in distributed mode with multiple processes' in log and 'total 2' in log
@@ -69,18 +69,17 @@ def test_arguments_and_exit_code_pass_through(tmp_path):
     script.write_text('import sys, open_clip\n'
                       'assert "EVA_CLIP_g_14" in open_clip.list_models()\n'
                       'print(sys.argv)\nsys.exit(3)\n')
-    result = _run([sys.executable, '-m', 'eva_open_clip', 'run', str(script), '--model', 'x', '-m', 'y'], cwd=tmp_path)
+    result = _run('run', str(script), '--model', 'x', '-m', 'y', cwd=tmp_path)
     assert result.returncode == 3
     assert result.stdout.strip() == str([str(script), '--model', 'x', '-m', 'y'])
-    result = _run([sys.executable, '-m', 'eva_open_clip', 'run', '-m', versions.TRAINER_MODULE, '--no-such-flag'],
-                  cwd=tmp_path)
+    result = _run('run', '-m', versions.TRAINER_MODULE, '--no-such-flag', cwd=tmp_path)
     assert result.returncode == 2 and '--no-such-flag' in result.stderr
 
 
 @pytest.mark.full_size
 def test_trainer_on_full_size_g14_with_locked_image_tower(tmp_path, g14_checkpoint):
-    result = _run(['eva-open-clip', 'run', *TRAIN, '--model', 'EVA_CLIP_g_14', '--pretrained', str(g14_checkpoint),
-                   '--lock-image', '--train-num-samples', '4', '--batch-size', '2', '--logs', 'none'], cwd=tmp_path)
+    result = _run('run', *TRAIN, '--model', 'EVA_CLIP_g_14', '--pretrained', str(g14_checkpoint),
+                  '--lock-image', '--train-num-samples', '4', '--batch-size', '2', '--logs', 'none', cwd=tmp_path)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     losses = _losses(log)

@@ -15,7 +15,7 @@ import timm
 import eva_open_clip
 from eva_open_clip import versions
 from eva_open_clip.versions import UnsupportedVersion
-from conftest import golden, model_name
+from support.checkpoints import golden, model_name
 
 
 def _lacks_open_clip(version):

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import io
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -12,6 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+
+from .checkpoints import golden
+from .cli import main_here, run_cli
 
 FIXED_FILES = {'embed.json', 'units.jsonl', 'summary.json', '.lock'}
 
@@ -42,36 +43,16 @@ def embed_command(tiny, *args, out) -> list[str]:
             *map(str, args), '--out', str(out), '--model', 'tiny', '--pretrained', str(folder / 'tiny.pt')]
 
 
-def run_embed(tiny, *args, out, launcher=(sys.executable, '-m', 'eva_open_clip'), background=False):
-    """`eva-open-clip embed ARGS --out OUT` on the tiny model, in a subprocess."""
-    cmd = [*launcher, *embed_command(tiny, *args, out=out)]
-    env = dict(os.environ)
-    if background:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+def run_embed(tiny, *args, out, launcher=None, background=False):
+    """`eva-open-clip embed ARGS --out OUT` on the tiny model, in a new process (or after `launcher`, e.g. torchrun)."""
+    return run_cli(*embed_command(tiny, *args, out=out), launcher=launcher, background=background)
 
 
 def embed_here(tiny, *args, out, pretrained: str | None = None) -> subprocess.CompletedProcess:
-    """`eva-open-clip embed ARGS --out OUT` on the tiny model through the command line's entry point, in this
-    process (a second or so instead of a new interpreter's imports): its exit status and standard error."""
-    import contextlib
-    import signal
-
+    """`eva-open-clip embed ARGS --out OUT` on the tiny model, in this process (`main_here`)."""
     import eva_open_clip
-    from eva_open_clip import cli
-    from conftest import golden
     eva_open_clip.register_eva_model('tiny', golden('tiny_a')['config'])
-    argv = ['embed', *map(str, args), '--out', str(out), '--model', 'tiny',
-            '--pretrained', pretrained or str(tiny[0] / 'tiny.pt')]
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            code = cli.main(argv)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    return subprocess.CompletedProcess(argv, code, '', stderr.getvalue())
+    return main_here('embed', *args, '--out', out, '--model', 'tiny', '--pretrained', pretrained or tiny[0] / 'tiny.pt')
 
 
 def read_folder(out: Path) -> dict[str, dict]:

@@ -1,0 +1,110 @@
+"""Reference checkpoints in the released layouts, their golden outputs, full-size random checkpoints, and
+the skips for features an installed release lacks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import eva_open_clip
+from eva_open_clip import versions
+from eva_open_clip.registry import model_configs_dir
+
+DATA = Path(__file__).resolve().parent.parent / 'data'
+REFERENCE_CASES = ('tiny_a', 'e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a')
+G14_VALUES = 1_136_435_841
+
+
+def needs_open_clip(version: tuple[int, ...], feature: str):
+    """Skip where the installed open_clip lacks `feature` (tests/test_versions.py checks its error there)."""
+    return pytest.mark.skipif(versions.OPEN_CLIP < version, reason=f"{feature} needs open_clip_torch >= "
+                              f"{'.'.join(map(str, version))} (installed: {versions.OPEN_CLIP_VERSION})")
+
+
+def needs_timm(version: tuple[int, ...], feature: str):
+    """Skip where the installed timm lacks `feature` (tests/test_versions.py checks its error there)."""
+    return pytest.mark.skipif(versions.TIMM < version, reason=f"{feature} needs timm >= "
+                              f"{'.'.join(map(str, version))} (installed: {versions.TIMM_VERSION})")
+
+
+def released_state_dict(case: str) -> dict[str, torch.Tensor]:
+    """The reference checkpoint of `case`, key for key and dtype for dtype as released.
+
+    The committed copy keeps only the token-embedding rows that the golden captions use (the rest
+    cannot affect any golden output); the other rows are zero.
+    """
+    packed = torch.load(DATA / case / 'checkpoint_packed.pt', weights_only=True)
+    values = packed['embedding_values']
+    embedding = torch.zeros(packed['embedding_shape'], dtype=values.dtype)
+    embedding[packed['embedding_rows']] = values
+    tensors = dict(packed['tensors'], **{'text.token_embedding.weight': embedding})
+    return {k: tensors[k] for k in packed['keys']}
+
+
+def golden(case: str) -> dict:
+    return torch.load(DATA / case / 'golden.pt', weights_only=True)
+
+
+def model_name(case: str) -> str:
+    """Registers the reference architecture of `case` under a test name and returns that name."""
+    name = f'test-{case}'
+    eva_open_clip.register_eva_model(name, golden(case)['config'])
+    return name
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference over max abs value, the parity measure of the acceptance tests."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def manifest(name: str) -> dict[str, list[int]]:
+    """Key -> shape of a released checkpoint (buffers included for EVA-CLIP repository files)."""
+    raw = json.loads((DATA / 'manifests' / f'{name}.manifest.json').read_text())
+    return {k: (v['shape'] if isinstance(v, dict) else v) for k, v in raw.items()}
+
+
+def random_checkpoint(shapes: dict[str, list[int]], dtype=torch.float16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A checkpoint with the given keys and shapes, filled with small random values."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape, dtype=torch.float32)
+        if key.endswith('logit_scale'):
+            t.fill_(4.6052)
+        elif key.endswith(('norm1.weight', 'norm2.weight', 'norm.weight', 'ln_1.weight', 'ln_2.weight',
+                           'ln_final.weight', '_ln.weight')):
+            t.fill_(1.0)
+        else:
+            t.normal_(0, 0.02, generator=gen)
+        sd[key] = t.to(dtype)
+    return sd
+
+
+def eva_clip_rope_tables(head_dim: int, grid: int, pt_seq_len: int = 16, theta: float = 10000.0):
+    """The EVA-CLIP code's rotary tables (cos, sin), each [grid*grid, head_dim], computed from its formula.
+
+    Half the head dimension rotates with the row, half with the column; frequencies are interleaved
+    pairs and positions are interpolated from the `pt_seq_len` grid the model was trained on.
+    """
+    dim = head_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2)[:dim // 2].float() / dim)
+    t = torch.arange(grid).float() / grid * pt_seq_len
+    freqs = torch.repeat_interleave(torch.outer(t, freqs), 2, dim=-1)  # [grid, dim]
+    rows = freqs[:, None, :].expand(grid, grid, dim)
+    cols = freqs[None, :, :].expand(grid, grid, dim)
+    table = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+    return table.cos(), table.sin()
+
+
+def full_size_checkpoint(name: str, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """Every key and shape of the released file of model `name`, random values, true rotary tables."""
+    shapes = manifest(name)
+    sd = random_checkpoint({k: s for k, s in shapes.items() if '.rope.' not in k}, dtype=dtype)
+    cfg = json.loads((model_configs_dir() / f'{name}.json').read_text())['vision_cfg']
+    cos, sin = eva_clip_rope_tables(cfg['head_width'], cfg['image_size'] // cfg['patch_size'], cfg['pt_hw_seq_len'])
+    for key in shapes:
+        if '.rope.' in key:
+            sd[key] = (cos if key.endswith('cos') else sin).to(dtype)
+    return {k: sd[k] for k in shapes}

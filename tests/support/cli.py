@@ -1,0 +1,52 @@
+"""The one way the tests run the command line: in a new interpreter (`run_cli`), or through its entry point in
+this process (`main_here`, a second instead of an interpreter's imports)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+from typing import Sequence
+
+COMMANDS = {'module': [sys.executable, '-m', 'eva_open_clip'], 'console': ['eva-open-clip']}
+# two ranks on this machine; --standalone lets torchrun pick a free port for its rendezvous
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+            '-m', 'eva_open_clip')
+
+
+def command(*args, entry: str = 'module', launcher: Sequence[str] | None = None) -> list[str]:
+    """`eva-open-clip ARGS` as a command line, by `entry` (`module` or `console`) or after another launcher."""
+    return [*(launcher or COMMANDS[entry]), *map(str, args)]
+
+
+def run_cli(*args, env: dict | None = None, entry: str = 'module', launcher: Sequence[str] | None = None,
+            background: bool = False, timeout: float = 600, **kwargs):
+    """`eva-open-clip ARGS` in a new process: its CompletedProcess (text), or with `background` its Popen."""
+    cmd = command(*args, entry=entry, launcher=launcher)
+    environment = dict(os.environ, **(env or {}))
+    if background:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                                **kwargs)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment, **kwargs)
+
+
+def main_here(*args) -> subprocess.CompletedProcess:
+    """`eva-open-clip ARGS` through `cli.main` in this process: exit status, standard output and error.
+
+    argparse's own exits become the status; the signal handlers `embed` installs are put back."""
+    from eva_open_clip import cli
+    argv = [str(a) for a in args]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:
+                code = e.code
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
