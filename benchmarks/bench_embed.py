@@ -64,7 +64,7 @@ def make_shards(folder: Path, images: int, per_shard: int = 500) -> str:
 
 
 def _tiny_files(folder: Path) -> tuple[Path, Path]:
-    from conftest import golden, released_state_dict
+    from support.checkpoints import golden, released_state_dict
     config, checkpoint = folder / 'tiny.json', folder / 'tiny.pt'
     config.write_text(json.dumps(golden('tiny_a')['config']))
     torch.save(released_state_dict('tiny_a'), checkpoint)
@@ -72,7 +72,7 @@ def _tiny_files(folder: Path) -> tuple[Path, Path]:
 
 
 def _g14_checkpoint(folder: Path) -> Path:
-    from conftest import manifest, random_checkpoint
+    from support.checkpoints import manifest, random_checkpoint
     path = folder / 'g14.pt'
     torch.save(random_checkpoint(manifest('EVA_CLIP_g_14')), path)
     return path

@@ -45,7 +45,7 @@ def run_embed(inputs: list[str], out: Path, register: list[str], options: list[s
 
 def tiny_224(folder: Path) -> tuple[list[str], list[str]]:
     """The tiny reference architecture at 224 px (its position embedding widened to 16x16 patches)."""
-    from conftest import golden, released_state_dict
+    from support.checkpoints import golden, released_state_dict
     config = golden('tiny_a')['config']
     config['vision_cfg']['image_size'] = 224
     state = released_state_dict('tiny_a')
