@@ -98,7 +98,7 @@ def encode_only(name: str, checkpoint: Path, batch: int, batches: int, min_secon
     batch, at least `batches` batches and `min_seconds`. Returns timed images, seconds and rate."""
     code = f'''
 import time, torch, open_clip, eva_open_clip
-from eva_open_clip.cpu_memory import keep_freed_memory
+from eva_open_clip.cli.cpu_memory import keep_freed_memory
 if {str(register)!r} != 'None':
     eva_open_clip.register_eva_model({name!r}, {str(register)!r})
 model = open_clip.create_model({name!r}, pretrained={str(checkpoint)!r}).eval()

@@ -111,7 +111,8 @@ def _encode_only(name: str, checkpoint: Path, batch: int, device: str, config: P
 import json, sys, time, torch
 from pathlib import Path
 import eva_open_clip
-from eva_open_clip.inference import Encoder, load_model
+from eva_open_clip.embed.encoder import Encoder
+from eva_open_clip.cli.loading import load_model
 if {str(config)!r} != 'None':
     eva_open_clip.register_eva_model({name!r}, json.loads(Path({str(config)!r}).read_text()))
 model, preprocess, tokenizer = load_model({name!r}, {str(checkpoint)!r}, {device!r}, 'bf16')

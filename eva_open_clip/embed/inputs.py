@@ -1,0 +1,206 @@
+"""What `embed` is given: image files, folders, `--files-from` lists, tar shards, globs and brace patterns.
+
+`input_sources` lists the inputs in the order given (folders walked in path order for image files and
+shards, `--files-from` read line by line), each with its resolved path and the identity that shows a
+later change: size and modification time of a tar shard, size of an image file. A missing input, or a
+problem inside an input folder, is an `InputError` naming it, before any work. `unique_sources` keeps
+each file (by resolved path) or URL once.
+"""
+from __future__ import annotations
+
+import errno
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from stat import S_ISREG
+from typing import Iterable, Iterator, Sequence
+
+from braceexpand import braceexpand
+
+from eva_open_clip.errors import UsageError
+
+
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+
+
+SHARD_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
+
+
+_PATTERN_CHARS = set('{*?[')
+
+
+class InputError(UsageError):
+    """An input argument that names nothing readable."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input, as the user named it (`path`), the file it is (`real`, its resolved path), and what shows
+    that it changed: a file's size, and a local shard's modification time.
+
+    A remote shard (a webdataset URL such as `https://host/0001.tar` or `pipe:aws s3 cp s3://b/0001.tar -`)
+    is known by its URL alone, exactly as given: two spellings of one URL are two sources.
+    """
+
+    path: str
+    real: str
+    size: int | None = None
+    mtime_ns: int | None = None
+
+    @property
+    def is_shard(self) -> bool:
+        return is_shard(self.path)
+
+    def identity(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    @staticmethod
+    def from_identity(identity: dict) -> 'Source':
+        return Source(**identity)
+
+
+def is_url(path: str) -> bool:
+    """A webdataset URL, read through webdataset's opener (`pipe:COMMAND`, `http(s)://`, ...)."""
+    return path.startswith('pipe:') or '://' in path
+
+
+def is_shard(path: str) -> bool:
+    return is_url(path) or path.lower().endswith(SHARD_SUFFIXES)
+
+
+def _source(path: str, stat: os.stat_result, real: str | None = None) -> Source:
+    if not S_ISREG(stat.st_mode):  # a pipe or a device would block or never end
+        raise OSError(errno.EINVAL, 'not a regular file')
+    return Source(path, real or os.path.realpath(path), stat.st_size, stat.st_mtime_ns if is_shard(path) else None)
+
+
+def _input_problem(path: str, error: OSError, named_by: str) -> InputError:
+    what = 'no such file' if isinstance(error, FileNotFoundError) else error.strerror or str(error)
+    return InputError(f'{path}: {what}{named_by}')
+
+
+def _walk(folder: str, named_by: str, ancestors: frozenset[str] = frozenset()) -> Iterator[Source]:
+    """Image files and shards under `folder`, in the order of their full path strings.
+
+    A folder reached again inside itself (a symbolic link to an ancestor) is not walked again.
+    """
+    real = os.path.realpath(folder)
+    if real in ancestors:
+        return
+    entries = []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a link loop: a file as far as the walk goes, named if it is an image's
+                    is_dir = False
+                entries.append((entry.name + ('/' if is_dir else ''), entry, is_dir))
+    except OSError as e:
+        raise _input_problem(folder, e, named_by) from None
+    for _, entry, is_dir in sorted(entries, key=lambda e: e[0]):
+        if is_dir:
+            yield from _walk(entry.path, named_by, ancestors | {real})
+        elif Path(entry.name).suffix.lower() in IMAGE_SUFFIXES or is_shard(entry.name):
+            try:  # the resolved path without a system call per file, unless the entry is a link
+                yield _source(entry.path, entry.stat(), None if entry.is_symlink() else os.path.join(real, entry.name))
+            except OSError as e:  # a dangling link, a link loop
+                raise _input_problem(entry.path, e, named_by) from None
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Paths a brace pattern (`data/{00000..00099}.tar`) and/or glob names, in the pattern's order."""
+    found: list[str] = []
+    for expanded in braceexpand(pattern):
+        found.extend(sorted(glob.glob(expanded)) if set(expanded) & set('*?[') else [expanded])
+    return found
+
+
+def _stat(path: str, named_by: str) -> Source:
+    try:
+        return _source(path, os.stat(path))
+    except OSError as e:
+        raise _input_problem(path, e, named_by) from None
+
+
+def _folder(path: str) -> Iterator[Source]:
+    found = False
+    for source in _walk(path, f' (in the input folder {path})'):
+        found = True
+        yield source
+    if not found:
+        raise InputError(f'{path}: the folder holds no image file ({", ".join(sorted(IMAGE_SUFFIXES))}) '
+                         f'and no shard ({", ".join(SHARD_SUFFIXES)})')
+
+
+def _listed(files_from: str) -> Iterator[Source]:
+    """The files of a --files-from list: one path per line, in any bytes (a final \\r is dropped)."""
+    try:
+        with open(files_from, 'rb') as f:
+            lines = f.read().split(b'\n')
+    except OSError as e:
+        raise InputError(f'--files-from {files_from}: {e.strerror or e}') from None
+    for number, line in enumerate(lines, 1):
+        path = os.fsdecode(line[:-1] if line.endswith(b'\r') else line)
+        if os.path.isdir(path):
+            yield from _folder(path)
+        elif path.strip():
+            yield _stat(path, f' (line {number} of --files-from {files_from})')
+
+
+def input_sources(inputs: Sequence[str], files_from: str | None) -> Iterator[Source]:
+    """Every input file (tar shards and image files), in the order given; raises InputError for a missing one.
+
+    Folders are walked for image files and shards; a problem inside one (an unreadable subfolder, a
+    dangling link) is an InputError naming the path and the input folder. A source may come more than
+    once (see `unique_sources`).
+    """
+    for arg in inputs:
+        if is_url(arg):
+            yield from (Source(url, url) for url in braceexpand(arg))
+        elif os.path.isdir(arg):
+            yield from _folder(arg)
+        elif os.path.isfile(arg):
+            yield _stat(arg, '')
+        elif set(arg) & _PATTERN_CHARS:
+            matches = expand_pattern(arg)
+            if not matches:
+                raise InputError(f'{arg}: matches no file')
+            for match in matches:
+                yield from _folder(match) if os.path.isdir(match) else [_stat(match, f' (from {arg})')]
+        elif os.path.lexists(arg):
+            yield _stat(arg, '')  # a dangling link or a link loop: its own error
+        else:
+            raise InputError(f'{arg}: no such file or folder')
+    if files_from:
+        yield from _listed(files_from)
+
+
+@dataclass
+class Duplicates:
+    """Sources reached more than once (by their resolved path, or the same URL), each embedded once."""
+
+    count: int = 0
+    example: tuple[str, str] | None = None  # (the first spelling, a later one)
+
+    def note(self) -> str | None:
+        if not self.count:
+            return None
+        first, again = self.example
+        return (f'note: {self.count} input file(s) reached more than once are embedded once (e.g. {again} is '
+                f'{first})')
+
+
+def unique_sources(sources: Iterable[Source]) -> tuple[list[Source], Duplicates]:
+    """The sources in order, each file or URL once (its first spelling kept), and what was dropped."""
+    seen: dict[str, str] = {}
+    kept, duplicates = [], Duplicates()
+    for source in sources:
+        if source.real in seen:
+            duplicates.count += 1
+            duplicates.example = duplicates.example or (seen[source.real], source.path)
+            continue
+        seen[source.real] = source.path
+        kept.append(source)
+    return kept, duplicates

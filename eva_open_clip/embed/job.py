@@ -1,0 +1,149 @@
+"""`eva-open-clip embed --out DIR`: the job that embeds a large collection into an output folder.
+
+One job at a time writes a folder (its lock, held by rank 0 for the whole job). Before the model is
+loaded, rank 0 checks the folder and lists the job's units (`folder.prepare`); every rank then takes
+every WORLD_SIZE-th unit that is not done, decodes it in DataLoader workers (`loader`) and writes its
+parts (`folder.FolderWriter`), so the parts are the same whatever the number of ranks and workers. At
+the end rank 0 conforms the metadata parts and writes `summary.json`. A run that stops for any reason
+is resumed by running the same command again.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from eva_open_clip.embed.decode import PixelLimits
+from eva_open_clip.durable import write_text
+from eva_open_clip.embed.store.lock import OutputLock
+from eva_open_clip.errors import ToolError, UsageError
+from eva_open_clip.embed.store.folder import (FolderSettings, FolderWriter, check_folder, done_count, done_units,
+                                              finish_folder, prepare)
+from eva_open_clip.embed.store.paths import rank_record
+from eva_open_clip.embed.encoder import Encoder
+from eva_open_clip.embed.loader import DecodedBatches, UnitDataset, shm_prefetch
+from eva_open_clip.embed.progress import Progress
+from eva_open_clip.embed.units import read_units
+
+
+@dataclass
+class Ranks:
+    """This process's place in a torchrun job: rank 0 of 1 without one. `share` is a collective."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's value, on every rank."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, inputs: Sequence[str],
+                 files_from: str | None, out: Path, workers: int, batch_size: int = 32, ranks: Ranks = Ranks(),
+                 progress_interval: float | None = None, quiet: bool = False) -> dict | None:
+    """Embed into the folder `out`; return the summary on rank 0 (None elsewhere).
+
+    The only collective is at the start (rank 0's verdict on the folder). At the end each rank records
+    its counts in `DIR/ranks/`, and rank 0 builds the summary once every rank's record is there, so ranks
+    that finish hours apart wait on nothing with a timeout. Each rank's counts: `units`, `rows` and
+    `skipped` of this run, `model_loaded` (a rank with no units left does not load it), and `seconds`
+    and `images_per_s` from the end of the first batch (loading and start-up excluded), with
+    `input_wait_s` the part of that time spent waiting for decoded images; `unreadable`, the units whose
+    shard could not be read (not done: the next run tries them again).
+    """
+    out = Path(out)
+    lock = OutputLock.for_folder(out)
+    try:
+        failure = None
+        if ranks.rank == 0:
+            try:
+                check_folder(out)  # before the lock file is made: a folder of the user's is left as it is
+                out.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+                plan = prepare(out, settings, inputs, files_from)
+                for note in plan.notes + [plan.duplicates.note()]:
+                    if note:
+                        print(note, file=sys.stderr)
+                if not plan.units:
+                    raise UsageError('nothing to embed: the inputs hold no image file or shard')
+            except ToolError as e:
+                failure = e
+            except OSError as e:  # the inputs' problems are InputErrors: this is about the folder
+                failure = ToolError(f'{e.filename or out}: {e.strerror or e}')
+        failure = ranks.share(failure)
+        if failure is not None:
+            raise failure
+        units = read_units(out) or []
+        done = done_units(out)
+        mine = [u for u in units if u.index % ranks.world_size == ranks.rank and u.index not in done]
+        progress = Progress(len(units), 'unit', lambda: done_count(out), progress_interval,
+                            enabled=ranks.rank == 0 and not quiet)
+        try:
+            counts = _embed_units(load_encoder, settings, mine, out, workers, batch_size, progress) if mine else \
+                dict(units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None, input_wait_s=0.0, model_loaded=False,
+                     unreadable=[])
+        finally:
+            progress.close()
+        write_text(rank_record(out, ranks.rank), json.dumps(dict(rank=ranks.rank, **counts)) + '\n')
+        if ranks.rank != 0:
+            return None
+        return finish_folder(out, settings, _wait_for_ranks(out, ranks.world_size))
+    finally:
+        lock.release()
+
+
+def _wait_for_ranks(out: Path, world_size: int) -> list[dict]:
+    """Every rank's record of this run, waiting (on files, not on a collective) for those still working.
+
+    A rank that dies ends the torchrun job, this rank included, so the wait ends with the job.
+    """
+    paths = [rank_record(out, r) for r in range(world_size)]
+    while not all(p.exists() for p in paths):
+        time.sleep(1.0)
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def _image_bytes(encoder: Encoder) -> int:
+    """The bytes of one preprocessed image."""
+    from PIL import Image
+    pixels = encoder.preprocess(Image.new('RGB', (8, 8)))
+    return pixels.numel() * pixels.element_size()
+
+
+def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list, out: Path,
+                 workers: int, batch_size: int, progress: Progress) -> dict:
+    encoder = load_encoder()
+    writer = FolderWriter(out, settings, units, batch_size)
+    dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=settings.image_keys,
+                          caption_key=settings.caption_key if settings.captions else None,
+                          tokenizer=encoder.tokenizer if settings.captions else None,
+                          limits=PixelLimits(settings.max_image_pixels, settings.max_resized_pixels))
+    first = None  # when the first batch was done: the rate excludes loading and start-up
+    first_rows = 0
+    workers = min(workers, len(units))  # each worker decodes whole units: more would only start and wait
+    batches = DecodedBatches(dataset, workers, encoder.device_type,
+                             shm_prefetch(workers, batch_size * _image_bytes(encoder)))
+    for batch in batches:
+        image = text = None
+        if batch.pixels is not None:
+            image = encoder.encode_pixels(batch.pixels).numpy()
+            if batch.tokens is not None:
+                text = encoder.encode_tokens(batch.tokens).numpy()
+        writer.add(batch, image, text)
+        progress.update(len(batch.keys))
+        if first is None and batch.keys:
+            first, first_rows = time.perf_counter(), len(batch.keys)
+    rows = sum(r['rows'] for r in writer.finished)
+    seconds = time.perf_counter() - first if first is not None else 0.0
+    return dict(units=len(writer.finished), rows=rows, skipped=sum(len(r['skipped']) for r in writer.finished),
+                seconds=seconds,
+                images_per_s=(rows - first_rows) / seconds if seconds > 0 and rows > first_rows else None,
+                input_wait_s=batches.waited, model_loaded=True, unreadable=writer.unreadable)

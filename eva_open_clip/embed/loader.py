@@ -1,0 +1,257 @@
+"""Decoding for `embed`: units' samples preprocessed in DataLoader workers, as typed batches."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import multiprocessing
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from eva_open_clip.embed.defaults import IMAGE_KEYS
+from eva_open_clip.embed.decode import ImageRefused, PixelLimits, caption_text, open_image
+from eva_open_clip.embed.skips import Reason, Sample, Skip
+from eva_open_clip.embed.samples import unit_samples
+from eva_open_clip.errors import ToolError, UsageError
+from eva_open_clip.embed.units import Unit
+
+_WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
+
+
+@dataclass
+class Batch:
+    """Up to batch-size usable samples of one unit, in the unit's order, and the samples skipped among them.
+
+    `end` is set on the unit's last batch (which may hold no samples); `decode_s` is the CPU time its
+    decoding took in the worker.
+    """
+
+    unit: int
+    keys: list[str] = field(default_factory=list)
+    pixels: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    captions: list[str] | None = None
+    metas: list[dict | None] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    end: bool = False
+    decode_s: float = 0.0
+
+    def pin_memory(self) -> 'Batch':
+        """Called by the DataLoader's pinning thread (pin_memory=True on CUDA)."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+class UnitDataset(torch.utils.data.IterableDataset):
+    """The batches of `units`, each unit read whole by one DataLoader worker (units dealt out in turn).
+
+    Whatever a sample holds, it becomes a row of a batch or a `Skip` with a reason code: nothing a
+    sample carries raises out of a worker.
+    """
+
+    def __init__(self, units: Sequence[Unit], preprocess: Callable, batch_size: int,
+                 image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str | None = None,
+                 tokenizer: Callable | None = None, limits: PixelLimits | None = None):
+        self.units, self.preprocess, self.batch_size = list(units), preprocess, batch_size
+        self.image_keys, self.caption_key, self.tokenizer = tuple(image_keys), caption_key, tokenizer
+        side = max(preprocess(Image.new('RGB', (8, 8))).shape[-2:])
+        self.limits = dataclasses.replace(limits or PixelLimits(), side=int(side))
+
+    def _worker_units(self) -> list[Unit]:
+        info = torch.utils.data.get_worker_info()
+        return self.units if info is None else self.units[info.id::info.num_workers]
+
+    def _batch(self, unit: Unit, samples: list[tuple[str, torch.Tensor, Any, Any, Any]], skipped: list[Skip],
+               end: bool, started: float) -> Batch:
+        keys, pixels, captions, tokens, metas = (list(c) for c in zip(*samples)) if samples else tuple([] for _ in range(5))
+        with_captions = self.caption_key is not None
+        return Batch(unit.index, keys, torch.stack(pixels) if pixels else None,
+                     torch.cat(tokens) if self.tokenizer is not None and tokens else None,
+                     captions if with_captions else None, metas, skipped, end, time.thread_time() - started)
+
+    def _prepared(self, item: Sample) -> tuple[str, torch.Tensor, Any, Any, Any] | Skip:
+        caption = tokens = None
+        if self.caption_key:
+            caption = caption_text(item.caption)
+            if isinstance(caption, Skip):
+                return Skip(item.key, caption.reason, caption.detail)
+            if self.tokenizer is not None:
+                tokens = self.tokenizer([caption])
+        try:
+            pixels = self.preprocess(open_image(item.image, self.limits))
+        except ImageRefused as e:
+            return Skip(item.key, e.reason, str(e))
+        except Exception as e:  # PIL raises many types for damaged or non-image data
+            return Skip(item.key, Reason.UNDECODABLE_IMAGE, type(e).__name__)
+        return item.key, pixels, caption, tokens, item.meta
+
+    def _samples(self, unit: Unit) -> Iterator[tuple[str, torch.Tensor, Any, Any, Any] | Skip]:
+        for item in unit_samples(unit.shard, unit.files, self.image_keys, self.caption_key):
+            if isinstance(item, Skip):
+                yield item
+                continue
+            try:
+                yield self._prepared(item)
+            except Exception as e:  # anything else a sample's content provokes: its own skip, not a stop
+                yield Skip(item.key, Reason.BAD_SAMPLE, f'{type(e).__name__}: {str(e)[:200]}')
+
+    def __iter__(self) -> Iterator[Batch]:
+        started = time.thread_time()  # this thread's CPU time, restarted after each batch is taken
+        for unit in self._worker_units():
+            samples: list = []
+            skipped: list[Skip] = []
+            for prepared in self._samples(unit):
+                if isinstance(prepared, Skip):
+                    skipped.append(prepared)
+                    continue
+                samples.append(prepared)
+                if len(samples) == self.batch_size:
+                    yield self._batch(unit, samples, skipped, end=False, started=started)
+                    samples, skipped, started = [], [], time.thread_time()
+            yield self._batch(unit, samples, skipped, end=True, started=started)
+            started = time.thread_time()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()[0] not in (b'Z', b'X')
+    except FileNotFoundError:
+        if os.path.isdir('/proc/self'):
+            return False
+    try:  # no /proc
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _exit_with(main_pid: int, worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: end this worker within a second of the main process's death.
+
+    Also silences the broken connections of the worker's helper threads when the main process stops.
+
+    torch's own watchdog checks the worker's parent, which for a fork-server worker is the fork server,
+    and the fork server lives as long as any of its workers (each holds its liveness pipe): after a
+    SIGKILL of the main process, both would live on for ever, holding the job's output pipes open.
+    """
+    def watch() -> None:
+        while _alive(main_pid):
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name='main-process-watch', daemon=True).start()
+    # a batch's memory is handed over by a helper thread (multiprocessing's resource sharer, which reports
+    # its errors through sys.excepthook); when the main process stops (interrupted), its connections
+    # break: expected, and no traceback in the job's log
+    report = sys.excepthook
+    sys.excepthook = lambda kind, error, trace: None if issubclass(kind, OSError) else report(kind, error, trace)
+
+
+SHM = '/dev/shm'
+PREFETCH = 4  # batches each decoding worker keeps ready
+
+
+def shm_prefetch(workers: int, batch_bytes: int, shm: str = SHM) -> int:
+    """Batches per worker that fit the shared memory the workers hand their batches over in.
+
+    Containers often have little (Docker's default is 64 MB), and a DataLoader that overruns it dies
+    of a bus error. Lowers the prefetch to what fits, saying so, or refuses in one line when not even
+    one batch per worker fits.
+    """
+    if not workers or not os.path.isdir(shm):
+        return PREFETCH
+    free = shutil.disk_usage(shm).free
+    fits = int(free // (workers * batch_bytes * 2))  # a batch can be in shared memory twice while handed over
+    if fits >= PREFETCH:
+        return PREFETCH
+    mb = f'{free / 2 ** 20:.0f} MB'
+    if fits < 1:
+        raise UsageError(f'{shm} has {mb} free, too little for {workers} decoding worker(s) handing over batches of '
+                         f'{batch_bytes / 2 ** 20:.0f} MB: give the container more shared memory (e.g. docker run '
+                         f'--shm-size 8g), or lower --batch-size or --workers (--workers 0 decodes in this process)')
+    print(f'note: {shm} has {mb} free: each decoding worker keeps {fits} batch(es) ready instead of {PREFETCH} '
+          f'(more shared memory, e.g. docker run --shm-size 8g, lets them keep {PREFETCH})', file=sys.stderr)
+    return fits
+
+
+class DecodedBatches:
+    """The dataset's batches through a DataLoader with `workers` decoding processes, timing the waits.
+
+    `waited` is how long the consumer waited for decoded batches after the first one (which includes the
+    workers' start-up): near zero when the model is the bottleneck, and the cue to raise --workers when
+    not. Workers are started by a fork server rather than forked from this process, which holds the model
+    (a fork would share its pages copy-on-write and make the model's memory writes fault); under torchrun
+    they are plain forks, as a fork server hung there with torch 2.1.
+
+    On the CPU, the model and the decoding workers share the cores. When decoding an image costs more
+    CPU time than encoding it (a small model), the model's torch threads are reduced by the number of
+    workers after the first few batches: left as they are, they contend with the workers for the
+    cores, and each of the model's parallel steps waits for a thread the workers displaced (a tiny
+    model's batch took up to 270 ms so, instead of 3). The workers report their decoding time with each
+    batch; the model's need is the least CPU time per image this process spent on a batch, as
+    contention only ever adds to it.
+    """
+
+    DECIDE_AFTER = 4  # batches measured before the threads are settled (the first one is not measured)
+    STALLED_S = 1800  # a worker that has not delivered a batch for this long is stuck: the job stops, resumable
+
+    def __init__(self, dataset: torch.utils.data.IterableDataset, workers: int, device_type: str,
+                 prefetch: int = PREFETCH):
+        self.dataset, self.workers, self.device_type, self.prefetch = dataset, workers, device_type, prefetch
+        self.waited = 0.0
+        self.decode_cpu, self.decoded, self.model_cpu_per_image = 0.0, 0, float('inf')
+
+    def __iter__(self) -> Iterator[Batch]:
+        start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
+        extra = dict(prefetch_factor=self.prefetch, multiprocessing_context=start, timeout=self.STALLED_S,
+                     worker_init_fn=functools.partial(_exit_with, os.getpid())) if self.workers else {}
+        data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                                pin_memory=self.device_type == 'cuda', **extra))
+        threads = torch.get_num_threads()
+        try:
+            for seen in itertools.count():
+                asked = time.perf_counter()
+                try:
+                    batch = next(data, None)
+                except RuntimeError as e:
+                    if 'timed out' not in str(e):
+                        raise
+                    raise ToolError(f'no decoded batch came for {self.STALLED_S} s (a stalled read of a shard?); '
+                                    f'run the same command to resume') from None
+                if batch is None:
+                    return
+                received, cpu = time.perf_counter(), time.process_time()
+                yield batch
+                if seen:  # the first batch includes the workers' start-up
+                    self.waited += received - asked
+                    if batch.keys:
+                        self.decode_cpu += batch.decode_s
+                        self.decoded += len(batch.keys)
+                        used = (time.process_time() - cpu) / len(batch.keys)
+                        self.model_cpu_per_image = min(self.model_cpu_per_image, used)
+                if seen == self.DECIDE_AFTER:
+                    self._settle_threads()
+        finally:
+            torch.set_num_threads(threads)  # a library caller gets its setting back
+
+    def _settle_threads(self) -> None:
+        if self.device_type == 'cpu' and self.workers and self.decoded and \
+                self.decode_cpu / self.decoded > self.model_cpu_per_image:
+            torch.set_num_threads(max(1, torch.get_num_threads() - self.workers))
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    """DataLoader workers per rank: the cores this process may use, shared among the ranks on the node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))

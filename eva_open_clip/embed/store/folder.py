@@ -1,0 +1,368 @@
+"""The output folder of `embed --out DIR`: a small database of parts, one writer at a time.
+
+Layout (the one clip-retrieval writes, so its tools and autofaiss read it): `img_emb/img_emb_N.npy`,
+with --captions `text_emb/text_emb_N.npy`, and `metadata/metadata_N.parquet`, aligned row for row.
+N is part k of unit `unit`: `part_name(unit, k)`, nine digits for the first 999999 units and 999
+parts of a unit (UNIT000, UNIT001, ...), longer past that, so that name order is always input order
+and a unit may have any number of parts.
+
+- `shards/UNIT.json`: written last for a unit, after every file of its parts is on disk: its sources
+  (with their identity), the settings it was made with, its rows, its skipped samples, and each part
+  with its row count, the size of each of its files and the kinds of its metadata fields. A unit is
+  done when this record is sound and every part it names is intact. The done records are the truth
+  of the folder: the other files can be rebuilt from them.
+- `embed.json`: the settings that determine the rows. The first finished unit fixes them: while no
+  unit is done, a run with other settings takes the folder over; after that another model, part
+  size, ... is refused. A damaged or missing `embed.json` is rebuilt from the done records.
+- `units.jsonl`: the job's units and their sources (see `units.py`).
+- `ranks/RANK.json`: each rank's counts of the running job, gathered into the summary and removed.
+- `summary.json`: totals, written at the end.
+
+Every file is written with `durable.write_atomic`. `check_folder` refuses, before anything is written,
+a folder that is neither new, empty nor an output folder of this tool. `prepare` runs under the
+folder's lock before any work: it checks the settings, lists the units, and keeps only what is sound:
+a done unit whose part is missing, of another size or another row count is redone, and the files of
+this tool that no done unit names (a killed attempt's parts, temporary files of writers that died)
+are removed. Only files with this tool's names are ever removed; anything else in the folder is
+left as it is.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from eva_open_clip.embed.store import metadata
+from eva_open_clip.embed.skips import UNREADABLE, Skip
+from eva_open_clip.embed.inputs import Duplicates
+from eva_open_clip.durable import remove_temporary_files, temporary_target, write_atomic, write_text
+from eva_open_clip.errors import UsageError
+from eva_open_clip.embed.loader import Batch
+from eva_open_clip.embed.store.names import name_text
+from eva_open_clip.embed.store.paths import (PART_FOLDERS, RANKS, RECORD_NAME, RECORDS, SETTINGS_FILE, SUBFOLDERS,
+                                             SUMMARY_FILE, TOP_FILES, part_name, record_path)
+from eva_open_clip.embed.units import Unit, plan_units, read_units
+
+FORMAT_VERSION = 3
+@dataclass
+class FolderSettings:
+    """What determines the rows of an output folder (recorded in DIR/embed.json and in every done record).
+
+    The batch size is not among them (a run after an out-of-memory failure may take a smaller one): each
+    unit's record says which it was made with.
+"""
+
+    model: str
+    pretrained: str
+    precision: str
+    part_size: int
+    captions: bool
+    image_keys: list[str]
+    caption_key: str
+    max_image_pixels: int
+    max_resized_pixels: int
+    format: int = FORMAT_VERSION
+
+    def as_json(self) -> dict:
+        return json.loads(json.dumps(self.__dict__))
+
+
+_RECORD_KEYS = {'unit', 'sources', 'settings', 'rows', 'parts', 'skipped'}
+
+
+def _read_record(path: Path) -> dict | None:
+    """A unit's record, or None when it is not a sound record of this tool (of this format)."""
+    try:
+        record = json.loads(path.read_text(encoding='utf-8'))
+        if not (isinstance(record, dict) and _RECORD_KEYS <= record.keys() and path == record_path(
+                path.parent.parent, record['unit']) and record['settings'].get('format') == FORMAT_VERSION):
+            return None
+        Unit.from_record(record)
+        return record
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _record_paths(out: Path) -> list[Path]:
+    folder = out / RECORDS
+    return sorted(p for p in folder.iterdir() if RECORD_NAME.fullmatch(p.name)) if folder.is_dir() else []
+
+
+def read_records(out: Path) -> list[dict]:
+    """The sound records of the done units, in unit order."""
+    return [r for r in map(_read_record, _record_paths(out)) if r is not None]
+
+
+def _rows_in(path: Path) -> int:
+    if path.suffix == '.npy':
+        return len(np.load(path, mmap_mode='r'))  # the header only: the rows are mapped, not read
+    import pyarrow.parquet as pq
+    return pq.read_metadata(path).num_rows
+
+
+def _intact(out: Path, record: dict) -> bool:
+    """Whether every file of every part of a unit's record is there, of its recorded size and row count."""
+    try:
+        return all((out / name).stat().st_size == size and _rows_in(out / name) == part['rows']
+                   for part in record['parts'] for name, size in part['files'].items())
+    except Exception:  # missing, unreadable, or not an array/table at all
+        return False
+
+
+def _read_settings(out: Path) -> dict | None:
+    try:
+        found = json.loads((out / SETTINGS_FILE).read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and 'format' in found and 'model' in found else None
+
+
+def _only_leftovers(out: Path) -> bool:
+    """Whether DIR holds nothing but what a run may leave before its first record: its lock, its temporary
+    files of embed.json, its subfolders with nothing in them."""
+    return all(p.name == '.lock' or (temporary_target(p.name) or '') == SETTINGS_FILE or
+               (p.name in SUBFOLDERS and p.is_dir() and not any(p.iterdir())) for p in out.iterdir())
+
+
+def check_folder(out: Path) -> None:
+    """Refuse, changing nothing, a folder that is not new, empty (but for a lock) or this tool's output folder."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f'{out}: not a folder (a file of that name exists); give a new or empty folder')
+    if _only_leftovers(out):
+        return
+    found = _read_settings(out)
+    if found is not None and found.get('format') != FORMAT_VERSION:
+        raise UsageError(f'{out} was written by another version of eva_open_clip (folder format '
+                         f'{found.get("format")}, this version writes {FORMAT_VERSION}): embed into a new --out folder')
+    if found is not None or read_records(out):
+        return
+    if (out / SETTINGS_FILE).exists() and read_units(out):
+        return  # a damaged embed.json of a folder with no unit done yet
+    what = f'its {SETTINGS_FILE} is not one this tool wrote' if (out / SETTINGS_FILE).exists() else f'no {SETTINGS_FILE}'
+    raise UsageError(f'{out} is not empty and is not an output folder of eva-open-clip embed ({what}); '
+                     f'give a new or empty folder (nothing in {out} was changed)')
+
+
+def _settled(out: Path, settings: FolderSettings, records: list[dict], notes: list[str]) -> list[dict]:
+    """The records made with this folder's settings; refuses other settings; (re)writes embed.json."""
+    wanted = settings.as_json()
+    found = _read_settings(out)
+    if records:
+        fixed = records[0]['settings']
+        differ = [k for k in wanted if fixed.get(k) != wanted[k]]
+        if differ:
+            detail = '; '.join(f'{k}: {fixed.get(k)!r} there, {wanted[k]!r} now' for k in differ)
+            raise UsageError(f'{out} holds the output of another embedding run ({detail}); '
+                             f'use a new --out folder, or the same settings to resume')
+        records = [r for r in records if r['settings'] == fixed]
+        if found != wanted:
+            notes.append(f'note: {out / SETTINGS_FILE} was {"damaged or missing" if found is None else "changed"}; '
+                         f'rebuilt from the records of the {len(records)} finished unit(s)')
+    elif found is not None and found != wanted:
+        notes.append(f'note: no unit of {out} was finished: it takes the settings of this command')
+    if found != wanted:
+        write_text(out / SETTINGS_FILE, json.dumps(wanted, indent=2) + '\n')
+    return records
+
+
+def _remove_unnamed(out: Path, kept: set[str]) -> None:
+    """Remove this tool's part files that no done record names, and its temporary files; nothing else."""
+    for sub, names in PART_FOLDERS.items():
+        folder = out / sub
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            if names.fullmatch(path.name) and f'{sub}/{path.name}' not in kept:
+                path.unlink()
+        remove_temporary_files(folder, names)
+    remove_temporary_files(out / RECORDS, RECORD_NAME)
+    remove_temporary_files(out, TOP_FILES)
+    for stale in (out / RANKS).iterdir():  # the counts of an earlier run that did not end
+        if RECORD_NAME.fullmatch(stale.name):
+            stale.unlink()
+    remove_temporary_files(out / RANKS, RECORD_NAME)
+
+
+def _disjoint(records: list[dict]) -> list[dict]:
+    """The records in unit order, less any that names a source an earlier one holds (its unit is redone)."""
+    taken: set[str] = set()
+    kept = []
+    for record in records:
+        reals = {s.real for s in Unit.from_record(record).sources}
+        if not reals & taken:
+            kept.append(record)
+            taken |= reals
+    return kept
+
+
+@dataclass
+class Plan:
+    """What `prepare` found: the job's units, the duplicate inputs dropped, notes on repaired bookkeeping."""
+
+    units: list[Unit]
+    duplicates: Duplicates
+    notes: list[str]
+
+
+def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_from: str | None) -> Plan:
+    """Check the folder and list the job's units (call while holding the folder's lock; see the module doc)."""
+    check_folder(out)
+    notes: list[str] = []
+    records = _settled(out, settings, _disjoint([r for r in read_records(out) if _intact(out, r)]), notes)
+    for sub in SUBFOLDERS:
+        if sub != 'text_emb' or settings.captions:  # no empty text_emb/ without --captions
+            (out / sub).mkdir(exist_ok=True)
+    units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,
+                                         {r['unit']: Unit.from_record(r) for r in records})
+    done = {record_path(out, r['unit']).name for r in records}
+    for path in _record_paths(out):
+        if path.name not in done:
+            path.unlink()
+    _remove_unnamed(out, {name for r in records for part in r['parts'] for name in part['files']})
+    return Plan(units, duplicates, notes + ([note] if note else []))
+
+
+def done_units(out: Path) -> frozenset[int]:
+    return frozenset(r['unit'] for r in read_records(out))
+
+
+def done_count(out: Path) -> int:
+    """How many units are done (their records are there), without reading the records."""
+    return len(_record_paths(out))
+
+
+@dataclass
+class _UnitRows:
+    unit: Unit
+    image: list[np.ndarray] = field(default_factory=list)
+    text: list[np.ndarray] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # fixed columns of the rows not yet written
+    json_fields: list[dict | None] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    parts: list[dict] = field(default_factory=list)
+    total: int = 0
+
+
+def _save_npy(array: np.ndarray) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, 'wb') as f:  # np.save given a path would add '.npy' to the temporary name
+            np.save(f, np.ascontiguousarray(array, dtype=np.float32))
+    return write
+
+
+class FolderWriter:
+    """Writes the parts and unit records of one output folder, as batches of units arrive."""
+
+    def __init__(self, out: Path, settings: FolderSettings, units: Sequence[Unit], batch_size: int):
+        # pyarrow is imported, and its first table built (which imports pandas, when installed), here
+        # rather than at the first part: a broken install fails before any work, and the time is not
+        # taken from the model in the middle of the run
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        self.write_table = pq.write_table
+        self.fixed_types = {'image_path': pa.string()}
+        if settings.captions:
+            self.fixed_types.update(caption=pa.string(), similarity=pa.float64())
+        metadata.part_table([dict(image_path='', caption='', similarity=0.0)], [None], self.fixed_types)
+        self.out, self.part_size, self.settings = out, settings.part_size, settings.as_json()
+        self.batch_size = batch_size
+        self.by_index = {u.index: u for u in units}
+        self.units: dict[int, _UnitRows] = {}
+        self.finished: list[dict] = []  # records of the units this writer completed
+        self.unreadable: list[dict] = []  # units whose shard could not be read (not done)
+
+    def add(self, batch: Batch, image: np.ndarray | None, text: np.ndarray | None) -> None:
+        unit = self.units.setdefault(batch.unit, _UnitRows(self.by_index[batch.unit]))
+        unit.skipped += batch.skipped
+        if image is not None:
+            unit.image.append(image)
+            if text is not None:
+                unit.text.append(text)
+                similarity = (image * text).sum(axis=1)
+            for i, key in enumerate(batch.keys):
+                row: dict[str, Any] = {'image_path': name_text(key)}
+                if text is not None:
+                    row.update(caption=batch.captions[i], similarity=float(similarity[i]))
+                unit.rows.append(row)
+                unit.json_fields.append(batch.metas[i])
+            unit.total += len(batch.keys)
+        while len(unit.rows) >= self.part_size:
+            self._write_part(batch.unit, unit, self.part_size)
+        if batch.end:
+            if unit.rows:
+                self._write_part(batch.unit, unit, len(unit.rows))
+            self._finish_unit(batch.unit, self.units.pop(batch.unit))
+
+    def _write_part(self, index: int, unit: _UnitRows, rows: int) -> None:
+        name = part_name(index, len(unit.parts))
+        files: dict[str, int] = {}
+        image = np.concatenate(unit.image)
+        unit.image = [image[rows:]]
+        files[f'img_emb/img_emb_{name}.npy'] = write_atomic(self.out / 'img_emb' / f'img_emb_{name}.npy',
+                                                            _save_npy(image[:rows]))
+        if unit.text:
+            text = np.concatenate(unit.text)
+            unit.text = [text[rows:]]
+            files[f'text_emb/text_emb_{name}.npy'] = write_atomic(self.out / 'text_emb' / f'text_emb_{name}.npy',
+                                                                  _save_npy(text[:rows]))
+        table, kinds = metadata.part_table(unit.rows[:rows], unit.json_fields[:rows], self.fixed_types)
+        unit.rows, unit.json_fields = unit.rows[rows:], unit.json_fields[rows:]
+        meta = f'metadata/metadata_{name}.parquet'
+        files[meta] = write_atomic(self.out / meta, lambda p: self.write_table(table, p))
+        unit.parts.append(dict(name=name, rows=rows, files=files, columns=kinds))
+
+    def _finish_unit(self, index: int, unit: _UnitRows) -> None:
+        source = name_text(unit.unit.source)
+        unreadable = next((s for s in unit.skipped if s.reason == UNREADABLE), None)
+        if unreadable is not None:  # no record: its parts are removed and the unit redone by the next run
+            self.unreadable.append(dict(unit=index, source=source, detail=unreadable.detail))
+            return
+        record = dict(unit=index, source=source, sources=unit.unit.identity(), settings=self.settings,
+                      batch_size=self.batch_size, rows=unit.total, parts=unit.parts,
+                      skipped=[dict(key=None if s.key is None else name_text(s.key), reason=s.reason, detail=s.detail)
+                               for s in unit.skipped])
+        write_text(record_path(self.out, index), json.dumps(record) + '\n')
+        self.finished.append(record)
+
+
+def _conform_metadata(out: Path, records: list[dict]) -> None:
+    """Give every metadata part the folder's columns and types (see `metadata`), updating the records."""
+    import pyarrow.parquet as pq
+    target = metadata.folder_kinds(part['columns'] for r in records for part in r['parts'])
+    for record in records:
+        changed = False
+        for part in record['parts']:
+            if part['columns'] == target:
+                continue
+            name = f"metadata/metadata_{part['name']}.parquet"
+            table = metadata.conform(pq.read_table(out / name), part['columns'], target)
+            part['files'][name] = write_atomic(out / name, lambda p, t=table: pq.write_table(t, p))
+            part['columns'] = dict(target)
+            changed = True
+        if changed:  # a crash before this line leaves a part of another size: the unit is redone
+            write_text(record_path(out, record['unit']), json.dumps(record) + '\n')
+
+
+def finish_folder(out: Path, settings: FolderSettings, ranks: list[dict]) -> dict:
+    """Conform the metadata parts and write DIR/summary.json: settings, totals, this run's counts per rank."""
+    records = read_records(out)
+    _conform_metadata(out, records)
+    reasons: dict[str, int] = {}
+    for record in records:
+        for s in record['skipped']:
+            reasons[s['reason']] = reasons.get(s['reason'], 0) + 1
+    summary = dict(model=settings.model, pretrained=settings.pretrained, precision=settings.precision,
+                   units=len(records), rows=sum(r['rows'] for r in records),
+                   parts=sum(len(r['parts']) for r in records),
+                   skipped=sum(len(r['skipped']) for r in records), skipped_by_reason=reasons, ranks=ranks)
+    write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + '\n')
+    for record in (out / RANKS).iterdir():
+        if RECORD_NAME.fullmatch(record.name):
+            record.unlink()
+    return summary
+

@@ -1,0 +1,137 @@
+"""The units of work of an `embed` job, listed once and recorded in its output folder.
+
+A unit is one tar shard, or a run of up to `part_size` consecutive image files; each is written as
+its own part(s) and marked done as a whole. `plan_units` lists the inputs at the start of a job, each
+file (by resolved path) or URL once, and matches them against what the folder records: the done
+units (each done record names its sources, and is the truth about what is on disk), then the other
+units of `DIR/units.jsonl` (one JSON line per unit: its number, and its sources with the identity
+that shows a change). A source already recorded stays in its unit, so no done unit's rows ever move;
+sources that were added since (a new shard, a new file in a folder, new lines in a list) go into new
+units numbered after the recorded ones; a recorded source that changed or disappeared is refused by
+name. A damaged or missing `units.jsonl` is rebuilt from the done records.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from eva_open_clip.embed.inputs import Duplicates, InputError, Source, input_sources, unique_sources
+from eva_open_clip.durable import write_text
+from eva_open_clip.embed.store.paths import UNITS_FILE
+
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work: one tar shard, or image files (its `sources`, in order)."""
+
+    index: int
+    sources: tuple[Source, ...]
+
+    @property
+    def shard(self) -> str | None:
+        return self.sources[0].path if self.sources and self.sources[0].is_shard else None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return () if self.shard is not None else tuple(s.path for s in self.sources)
+
+    @property
+    def source(self) -> str:
+        """What people know the unit by: the shard, or its first file."""
+        return self.sources[0].path if self.sources else ''
+
+    def identity(self) -> list[dict]:
+        return [s.identity() for s in self.sources]
+
+    def record(self) -> str:
+        return json.dumps(dict(unit=self.index, sources=self.identity()))
+
+    @staticmethod
+    def from_record(record: dict) -> 'Unit':
+        return Unit(int(record['unit']), tuple(Source.from_identity(s) for s in record['sources']))
+
+
+def group_units(sources: Iterable[Source], part_size: int, start: int = 0) -> list[Unit]:
+    """Units numbered from `start`: each shard alone, consecutive image files in runs of `part_size`."""
+    units: list[Unit] = []
+    run: list[Source] = []
+
+    def close_run() -> None:
+        if run:
+            units.append(Unit(start + len(units), tuple(run)))
+            run.clear()
+
+    for source in sources:
+        if source.is_shard:
+            close_run()
+            units.append(Unit(start + len(units), (source,)))
+        else:
+            run.append(source)
+            if len(run) == part_size:
+                close_run()
+    close_run()
+    return units
+
+
+def list_units(inputs: Sequence[str], files_from: str | None, part_size: int) -> tuple[list[Unit], Duplicates]:
+    """The units of the inputs (each source once), numbered from 0 in input order, and the duplicates dropped."""
+    sources, duplicates = unique_sources(input_sources(inputs, files_from))
+    return group_units(sources, part_size), duplicates
+
+
+def read_units(out: Path) -> list[Unit] | None:
+    """The units recorded in DIR/units.jsonl ([] when there is none), or None when it is damaged."""
+    path = out / UNITS_FILE
+    try:
+        text = path.read_text(encoding='utf-8')
+    except FileNotFoundError:
+        return []
+    try:
+        return [Unit.from_record(json.loads(line)) for line in text.splitlines() if line]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _recorded(out: Path, done: dict[int, Unit]) -> tuple[list[Unit], list[Unit] | None, str | None]:
+    """The done units, then the units.jsonl units that agree with them; what units.jsonl holds (None when
+    damaged); a note when it was not sound."""
+    listed = read_units(out)
+    note = None
+    if listed is None or (not listed and done):
+        note = (f'note: {out / UNITS_FILE} was {"damaged" if listed is None else "missing"}; rebuilt from the '
+                f'records of the {len(done)} finished unit(s)')
+    units = dict(done)
+    taken = {s.real for unit in done.values() for s in unit.sources}
+    for unit in listed or []:
+        if unit.index in units or any(s.real in taken for s in unit.sources):
+            continue  # a done record says what that unit holds
+        units[unit.index] = unit
+        taken.update(s.real for s in unit.sources)
+    return [units[i] for i in sorted(units)], listed, note
+
+
+def plan_units(out: Path, inputs: Sequence[str], files_from: str | None, part_size: int,
+               done: dict[int, Unit]) -> tuple[list[Unit], Duplicates, str | None]:
+    """The job's units (the recorded ones, then units of the sources added since; recorded anew if changed),
+    the duplicate inputs dropped, and a note when units.jsonl had to be rebuilt."""
+    current, duplicates = unique_sources(input_sources(inputs, files_from))
+    recorded, listed, note = _recorded(out, done)
+    now = {s.real: s for s in current}
+    remedy = f'restore it, or embed into a new --out folder (the inputs of {out} are listed in {out / UNITS_FILE})'
+    for source in (s for unit in recorded for s in unit.sources):
+        found = now.get(source.real)
+        if found is None:
+            raise InputError(f'{source.path}: embedded into {out} before, but no longer among the inputs; {remedy}')
+        if (found.size, found.mtime_ns) != (source.size, source.mtime_ns):
+            was = ', '.join(f'{k} {a} then, {b} now' for k, a, b in
+                            (('size', source.size, found.size), ('mtime_ns', source.mtime_ns, found.mtime_ns)) if a != b)
+            raise InputError(f'{source.path}: changed since it was listed for {out} ({was}); {remedy}')
+    known = {s.real for unit in recorded for s in unit.sources}
+    added = [s for s in current if s.real not in known]
+    units = recorded + group_units(added, part_size, start=recorded[-1].index + 1 if recorded else 0)
+    if units != listed:
+        write_text(out / UNITS_FILE, ''.join(unit.record() + '\n' for unit in units))
+    return units, duplicates, note
