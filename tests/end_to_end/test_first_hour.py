@@ -24,7 +24,7 @@ import eva_open_clip
 from eva_open_clip.cli.classify import BUNDLED_IMAGE
 from eva_open_clip.embed.progress import Progress
 from eva_open_clip.registry import BUILTIN_MODELS
-from support.checkpoints import DATA, golden, released_state_dict
+from support.checkpoints import DATA, golden, model_name, released_state_dict
 from support.cli import main_here, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,11 +134,18 @@ def test_a_file_of_another_architecture_names_both(files, b16_checkpoint):
     """open_clip's own EVA02-B-16 (timm's re-converted weights) given a released file: open_clip's
     AssertionError becomes one line naming the file, the model, and the model the file fits."""
     line = one_line(1, main_here('classify', files / 'x.png', '--model', 'EVA02-B-16', '--pretrained', b16_checkpoint,
-                            '--device', 'cpu'))
+                                 '--device', 'cpu'))
     assert line.startswith(f'eva-open-clip classify: --pretrained {b16_checkpoint} does not fit --model EVA02-B-16 (')
     assert line.endswith('; its keys and shapes are those of EVA02-CLIP-B-16: give --model EVA02-CLIP-B-16')
+    fits = model_name('e02_tiny_a')  # a registered custom architecture is named too
     line = one_line(1, main_here('classify', files / 'x.png', '--model', 'EVA02-B-16',
-                            '--pretrained', files / 'e02_tiny_a.pt', '--device', 'cpu'))
+                                 '--pretrained', files / 'e02_tiny_a.pt', '--device', 'cpu'))
+    assert line.endswith(f'; its keys and shapes are those of {fits}: give --model {fits}')
+    odd = released_state_dict('e02_tiny_a')
+    odd['visual.extra.weight'] = torch.zeros(2)  # fits no registered model
+    torch.save(odd, files / 'odd.pt')
+    line = one_line(1, main_here('classify', files / 'x.png', '--model', 'EVA02-B-16',
+                                 '--pretrained', files / 'odd.pt', '--device', 'cpu'))
     assert line.endswith('give the --model it was made for (a custom architecture: --register NAME=CONFIG.json '
                          '--model NAME)')
 
