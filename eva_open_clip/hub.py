@@ -44,8 +44,10 @@ def ensure_downloaded(model_name: str, tag: str) -> None:
     except Exception as e:  # offline mode, no route, DNS, timeout, an HTTP error: all stop here
         reason = 'HF_HUB_OFFLINE is set' if type(e).__name__ == 'OfflineModeIsEnabled' else \
             (str(e).splitlines() or [type(e).__name__])[0][:160]
+        answered = getattr(getattr(e, 'response', None), 'status_code', None)
+        problem = f'the Hugging Face hub answered {answered}' if answered else 'the Hugging Face hub cannot be reached'
         raise ToolError(
-            f'--pretrained {tag}: {repo}/{filename} is not cached and the Hugging Face hub cannot be reached '
-            f'({reason}). Download {filename} where there is network and pass --pretrained /path/to/{filename}; '
-            f'on machines without network set HF_HUB_OFFLINE=1 so that nothing waits for the hub') from None
+            f'--pretrained {tag}: {repo}/{filename} is not cached and {problem} ({reason}). Download {filename} '
+            f'where there is network and pass --pretrained /path/to/{filename}; on machines without network '
+            f'set HF_HUB_OFFLINE=1 so that nothing waits for the hub') from None
     download_pretrained(get_pretrained_cfg(model_name, tag))  # huggingface_hub shows its progress bar

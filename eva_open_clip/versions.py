@@ -22,6 +22,7 @@ import inspect
 from importlib import metadata
 from typing import Any, Callable
 
+from packaging.version import Version
 from timm.models.eva import Eva
 
 from .errors import UserError
@@ -31,40 +32,47 @@ class UnsupportedVersion(UserError, RuntimeError):
     """A feature that the installed open_clip or timm release does not have."""
 
 
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split('+')[0].split('.')[:3]:
-        digits = ''.join(c for c in piece if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
 OPEN_CLIP_VERSION = metadata.version('open_clip_torch')  # open_clip < 2.26 has no __version__
 TIMM_VERSION = metadata.version('timm')
-OPEN_CLIP = _version(OPEN_CLIP_VERSION)
-TIMM = _version(TIMM_VERSION)
-# open_clip's trainer module: shipped as `training` before open_clip_torch 2.26
-TRAINER_MODULE = 'open_clip_train.main' if OPEN_CLIP >= (2, 26) else 'training.main'
-# create_model arguments that older open_clip releases lack, with the release that added them
-_CREATE_MODEL_ARGS_SINCE = {'load_weights': (3, 0), 'weights_only': (3, 0)}
-# timm `Eva` arguments that older timm releases lack
-_EVA_ARGS_SINCE = {'swiglu_align_to': (1, 0, 20)}
+OPEN_CLIP = Version(OPEN_CLIP_VERSION)
+TIMM = Version(TIMM_VERSION)
+
+
+def at_least(installed: Version, version: tuple[int, ...]) -> bool:
+    """Whether `installed` is release `version` or later (a pre-release, such as 3.0.0rc1, is not 3.0)."""
+    return installed >= Version(_text(version))
+
+
+def open_clip_at_least(version: tuple[int, ...]) -> bool:
+    return at_least(OPEN_CLIP, version)
+
+
+def timm_at_least(version: tuple[int, ...]) -> bool:
+    return at_least(TIMM, version)
 
 
 def _text(version: tuple[int, ...]) -> str:
     return '.'.join(map(str, version))
 
 
+# open_clip's trainer module: shipped as `training` before open_clip_torch 2.26
+TRAINER_MODULE = 'open_clip_train.main' if open_clip_at_least((2, 26)) else 'training.main'
+# create_model arguments that older open_clip releases lack, with the release that added them
+_CREATE_MODEL_ARGS_SINCE = {'load_weights': (3, 0), 'weights_only': (3, 0)}
+# timm `Eva` arguments that older timm releases lack
+_EVA_ARGS_SINCE = {'swiglu_align_to': (1, 0, 20)}
+
+
 def require_open_clip(feature: str, version: tuple[int, ...]) -> None:
     """Raise `UnsupportedVersion` unless the installed open_clip is at least `version`."""
-    if OPEN_CLIP < version:
+    if not open_clip_at_least(version):
         raise UnsupportedVersion(f'{feature} needs open_clip_torch >= {_text(version)} '
                                  f'(installed: {OPEN_CLIP_VERSION})')
 
 
 def require_timm(feature: str, version: tuple[int, ...]) -> None:
     """Raise `UnsupportedVersion` unless the installed timm is at least `version`."""
-    if TIMM < version:
+    if not timm_at_least(version):
         raise UnsupportedVersion(f'{feature} needs timm >= {_text(version)} (installed: {TIMM_VERSION})')
 
 
@@ -91,7 +99,10 @@ def eva_kwargs(kwargs: dict[str, Any], timm_name: str) -> dict[str, Any]:
     known = _eva_parameters()
     for key, value in kwargs.items():
         if key not in known and value not in (0, None, False):
-            require_timm(f"the EVA image tower '{timm_name}' ({key}={value!r})", _EVA_ARGS_SINCE.get(key, TIMM + (1,)))
+            feature = f"the EVA image tower '{timm_name}' ({key}={value!r})"
+            if key not in _EVA_ARGS_SINCE:
+                raise UnsupportedVersion(f'{feature} needs a timm newer than the installed {TIMM_VERSION}')
+            require_timm(feature, _EVA_ARGS_SINCE[key])
     return {k: v for k, v in kwargs.items() if k in known}
 
 

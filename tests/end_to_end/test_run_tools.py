@@ -15,7 +15,7 @@ from support.cli import run_cli
 from support.checkpoints import golden, released_state_dict
 
 TRAIN = ['-m', versions.TRAINER_MODULE, '--dataset-type', 'synthetic', '--epochs', '1', '--workers', '0',
-         *(['--device', 'cpu'] if versions.OPEN_CLIP >= (2, 29) else []), '--lr', '1e-3', '--warmup', '1', '--zeroshot-frequency', '0', '--seed', '0',
+         *(['--device', 'cpu'] if versions.open_clip_at_least((2, 29)) else []), '--lr', '1e-3', '--warmup', '1', '--zeroshot-frequency', '0', '--seed', '0',
          '--precision', 'fp32']
 
 

@@ -39,7 +39,7 @@ COMBOS = [c for n in range(len(SWITCHES) + 1) for c in itertools.combinations(SW
 
 @pytest.mark.parametrize('flags', COMBOS, ids=lambda c: '+'.join(c) or 'plain')
 def test_variant_builds_and_round_trips(flags, tmp_path):
-    if 'naiveswiglu' in flags and 'subln' not in flags and versions.TIMM < (1, 0, 20):
+    if 'naiveswiglu' in flags and 'subln' not in flags and not versions.timm_at_least((1, 0, 20)):
         pytest.skip(f'a SwiGLU without sub-LN needs timm >= 1.0.20 (installed: {versions.TIMM_VERSION})')
     name = 'test-variant-' + ('-'.join(flags) or 'plain')
     eva_open_clip.register_eva_model(name, _config(flags))

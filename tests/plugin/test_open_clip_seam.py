@@ -42,7 +42,7 @@ def test_factories_build_through_the_module_level_create_model():
     params = inspect.signature(oc_factory.create_model.__wrapped__).parameters
     assert list(params)[:2] == ['model_name', 'pretrained']
     assert {'precision', 'device', 'force_image_size'} <= set(params)
-    assert ('load_weights' in params) == (versions.OPEN_CLIP >= (3, 0))  # as versions.py says
+    assert ('load_weights' in params) == (versions.open_clip_at_least((3, 0)))  # as versions.py says
 
 
 def test_wrappers_are_installed_once_and_exported():

@@ -11,6 +11,7 @@ import json
 import open_clip
 import pytest
 import timm
+from packaging.version import Version
 
 import eva_open_clip
 from eva_open_clip import versions
@@ -19,21 +20,22 @@ from support.checkpoints import golden, model_name
 
 
 def _lacks_open_clip(version):
-    return pytest.mark.skipif(versions.OPEN_CLIP >= version, reason=f'open_clip {versions.OPEN_CLIP_VERSION} has it')
+    return pytest.mark.skipif(versions.open_clip_at_least(version), reason=f'open_clip {versions.OPEN_CLIP_VERSION} has it')
 
 
 def test_versions_are_read_from_the_installed_packages():
-    assert versions._version('2.24.0') == (2, 24, 0) and versions._version('1.0.20.dev0') == (1, 0, 20)
-    assert versions._version('3.3.0+cpu') == (3, 3, 0)
-    assert versions.OPEN_CLIP == versions._version(getattr(open_clip, '__version__', versions.OPEN_CLIP_VERSION))
-    assert versions.TIMM == versions._version(timm.__version__)
+    assert versions.OPEN_CLIP == Version(getattr(open_clip, '__version__', versions.OPEN_CLIP_VERSION))
+    assert versions.TIMM == Version(timm.__version__)
+    # packaging's rules: a local build counts as its release, a pre-release or development build does not
+    assert versions.at_least(Version('2.24.0'), (2, 24)) and versions.at_least(Version('3.3.0+cpu'), (3, 3))
+    assert not versions.at_least(Version('3.0.0rc1'), (3, 0)) and not versions.at_least(Version('1.0.20.dev0'), (1, 0, 20))
 
 
 def test_the_trainer_module_is_where_versions_says():
     assert importlib.util.find_spec(versions.TRAINER_MODULE.rsplit('.', 1)[0]) is not None
 
 
-@pytest.mark.skipif(versions.OPEN_CLIP >= (3, 0) and versions.TIMM >= (1, 0, 18), reason='this set has it')
+@pytest.mark.skipif(versions.open_clip_at_least((3, 0)) and versions.timm_at_least((1, 0, 18)), reason='this set has it')
 def test_force_image_size_names_the_release_it_needs(tiny_checkpoint):
     with pytest.raises(UnsupportedVersion, match=r'force_image_size with EVA models needs (open_clip_torch >= 3\.0|'
                                                  r'timm >= 1\.0\.18) \(installed: '):
@@ -54,7 +56,7 @@ def test_forward_intermediates_names_the_release_it_needs(tiny_checkpoint):
         model.forward_intermediates(image=g['pixels'], text=g['tokens'])
 
 
-@pytest.mark.skipif(versions.TIMM >= (1, 0, 20), reason=f'timm {versions.TIMM_VERSION} has it')
+@pytest.mark.skipif(versions.timm_at_least((1, 0, 20)), reason=f'timm {versions.TIMM_VERSION} has it')
 def test_swiglu_without_sub_ln_names_the_timm_it_needs():
     config = json.loads(json.dumps(golden('tiny_a')['config']))
     config['vision_cfg']['naiveswiglu'] = True

@@ -19,13 +19,13 @@ G14_VALUES = 1_136_435_841
 
 def needs_open_clip(version: tuple[int, ...], feature: str):
     """Skip where the installed open_clip lacks `feature` (tests/test_versions.py checks its error there)."""
-    return pytest.mark.skipif(versions.OPEN_CLIP < version, reason=f"{feature} needs open_clip_torch >= "
+    return pytest.mark.skipif(not versions.open_clip_at_least(version), reason=f"{feature} needs open_clip_torch >= "
                               f"{'.'.join(map(str, version))} (installed: {versions.OPEN_CLIP_VERSION})")
 
 
 def needs_timm(version: tuple[int, ...], feature: str):
     """Skip where the installed timm lacks `feature` (tests/test_versions.py checks its error there)."""
-    return pytest.mark.skipif(versions.TIMM < version, reason=f"{feature} needs timm >= "
+    return pytest.mark.skipif(not versions.timm_at_least(version), reason=f"{feature} needs timm >= "
                               f"{'.'.join(map(str, version))} (installed: {versions.TIMM_VERSION})")
 
 
