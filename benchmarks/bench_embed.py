@@ -39,6 +39,8 @@ from typing import Any, Iterator
 
 import torch
 
+from common import encode_only  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 
@@ -92,35 +94,6 @@ def run_embed(pattern: str, out: Path, model: list[str], workers: int, batch: in
                 peak_rss=int(rss.group(1)) * 1024)
 
 
-def encode_only(name: str, checkpoint: Path, batch: int, batches: int, min_seconds: float = 0.0,
-                register: Path | None = None) -> dict:
-    """encode_image on ready tensors, same model and batch, in a fresh process: after one warm-up
-    batch, at least `batches` batches and `min_seconds`. Returns timed images, seconds and rate."""
-    code = f'''
-import time, torch, open_clip, eva_open_clip
-from eva_open_clip.cli.cpu_memory import keep_freed_memory
-if {str(register)!r} != 'None':
-    eva_open_clip.register_eva_model({name!r}, {str(register)!r})
-model = open_clip.create_model({name!r}, pretrained={str(checkpoint)!r}).eval()
-keep_freed_memory()
-size = model.visual.preprocess_cfg['size']
-size = size[0] if isinstance(size, (tuple, list)) else size
-x = torch.randn({batch}, 3, size, size)
-with torch.no_grad():
-    model.encode_image(x, normalize=True).float().cpu()
-    n, start = 0, time.perf_counter()
-    while n < {batches * batch} or time.perf_counter() - start < {min_seconds}:
-        model.encode_image(x, normalize=True).float().cpu()
-        n += {batch}
-print(n, time.perf_counter() - start)
-'''
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    images, seconds = out.stdout.strip().splitlines()[-1].split()
-    return dict(timed_rows=int(images), seconds=float(seconds), images_per_s=int(images) / float(seconds))
-
-
 _SPIN = 'import time\nstart = time.perf_counter()\nx = 0\nfor i in range(20_000_000):\n    x += i\nprint(time.perf_counter() - start)'
 
 
@@ -160,7 +133,7 @@ def tiny_rounds(work: Path, tiny: list[str], checkpoint: Path, config: Path, ima
     runs: dict[int, list[dict]] = {0: [], 2: []}
     for r, workers in alternating(rounds, 0, 2):
         runs[workers].append(run_embed(pattern, work / f'out-tiny-{workers}-{r}', tiny, workers, batch))
-    ceiling = encode_only('tiny', checkpoint, batch, 1, min_seconds=10, register=config)['images_per_s']
+    ceiling = encode_only('tiny', checkpoint, batch, batches=1, min_seconds=10, config=config)['images_per_s']
     serial, parallel = summed_rate(runs[0]), summed_rate(runs[2])
     return dict(serial=serial, workers_2=parallel, scaling=parallel / serial, encode_only=ceiling,
                 serial_runs=[r['images_per_s'] for r in runs[0]], workers_2_runs=[r['images_per_s'] for r in runs[2]])
@@ -179,7 +152,7 @@ def g14_rounds(work: Path, images: int, batch: int, rounds: int) -> dict:
         if step == 'embed':
             embeds.append(run_embed(pattern, work / f'out-g14-{r}', model, 2, batch))
         else:
-            encodes.append(encode_only('EVA_CLIP_g_14', g14, batch, timed_batches))
+            encodes.append(encode_only('EVA_CLIP_g_14', g14, batch, batches=timed_batches))
     end_to_end, ceiling = summed_rate(embeds), summed_rate(encodes)
     return dict(images_per_s=end_to_end, encode_only_images_per_s=ceiling, ratio=end_to_end / ceiling,
                 input_wait_fraction=sum(e['input_wait_s'] for e in embeds) / sum(e['seconds'] for e in embeds),

@@ -16,14 +16,13 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from common import child, gemm_peak, sync
 from bench_large_load import peak_rss  # VmHWM: not inherited from this parent process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,27 +69,6 @@ def child_load(impl: str, precision: str, checkpoint: str) -> dict:
     peak = peak_rss()
     return dict(impl=impl, precision=precision, seconds=seconds, peak_rss=peak, import_rss=baseline,
                 model_bytes=params, peak_over_model=peak / params)
-
-
-def _sync(device: str) -> None:
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
-
-
-def gemm_peak(dtype: torch.dtype, device: str) -> float:
-    """Best FLOP/s of a large square matmul in `dtype` (the machine's GEMM limit)."""
-    n = 8192 if device.startswith('cuda') else 4096
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = math.inf
-    for _ in range(5 if device.startswith('cuda') else 3):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(10 if device.startswith('cuda') else 1):
-            a @ b
-        _sync(device)
-        best = min(best, (time.perf_counter() - start) / (10 if device.startswith('cuda') else 1))
-    return 2 * n ** 3 / best
 
 
 def child_throughput(precision: str, checkpoint: str, device: str, compile_: str, batches: list[int]) -> dict:
@@ -140,23 +118,16 @@ def child_throughput(precision: str, checkpoint: str, device: str, compile_: str
                                             ('text', encode_text, texts, text_flops)):
                 if gpu or compile_ == 'compile':
                     fn(inputs)  # warm-up (and compilation) at this shape
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 for _ in range(iters):
                     fn(inputs)
-                _sync(device)
+                sync(device)
                 seconds = (time.perf_counter() - start) / iters
                 row[f'{kind}_per_s'] = batch / seconds
                 row[f'{kind}_gemm_fraction'] = batch * flops / seconds / peak
             results['batches'].append(row)
     return results
-
-
-def _child(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, '--child', *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f'child {args} failed:\n{out.stderr[-4000:]}')
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -197,7 +168,7 @@ def main() -> None:
                 order = list(IMPLS) if r % 2 == 0 else list(IMPLS)[::-1]
                 for impl in order:
                     ckpt = released if impl == 'eva_open_clip' else renamed
-                    loads.append(_child('load', impl, precision, str(ckpt)))
+                    loads.append(child(__file__, 'load', impl, precision, str(ckpt)))
         report['load'] = []
         print(f"{'load':<14}{'precision':>10}{'seconds':>10}{'peak RSS GB':>13}{'peak/model':>12}{'speedup':>9}")
         for precision in args.precisions:
@@ -216,7 +187,7 @@ def main() -> None:
               f"{'txt/GEMM peak':>15}{'GEMM peak TFLOP/s':>19}")
         modes = ['eager', 'compile'] if args.compile else ['eager']
         for precision, mode in itertools.product(args.precisions, modes):
-            result = _child('throughput', precision, str(released), args.device, mode, *map(str, args.batches))
+            result = child(__file__, 'throughput', precision, str(released), args.device, mode, *map(str, args.batches))
             report['throughput'].append(result)
             label = precision + ('+compile' if mode == 'compile' else '')
             for row in result['batches']:

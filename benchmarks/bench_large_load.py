@@ -20,7 +20,6 @@ import json
 import math
 import pickle
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from common import child
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / 'tests' / 'data' / 'manifests'
@@ -127,13 +128,6 @@ def child_load(name: str, precision: str, checkpoint: str, device: str, register
                 peak_over_model=peak / model_bytes, peak_minus_imports_over_model=(peak - baseline) / model_bytes, **gpu)
 
 
-def _child(*args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, '--child', *args], capture_output=True, text=True)
-    if out.returncode:
-        return dict(error=(out.stderr.strip().splitlines() or ['killed'])[-1], returncode=out.returncode, args=args)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _gb(n: float) -> str:
     return f'{n / 1e9:.2f} GB'
 
@@ -175,9 +169,9 @@ def main() -> None:
         generated.append(renamed)
     for _ in range(args.repeats):
         for precision in args.precisions:
-            runs.append(_child(args.model, precision, str(checkpoint), args.device, '1'))
+            runs.append(child(__file__, args.model, precision, str(checkpoint), args.device, '1'))
             if args.compare:
-                runs.append(_child(OPEN_CLIP_TWIN[args.model], precision, str(renamed), args.device, '0'))
+                runs.append(child(__file__, OPEN_CLIP_TWIN[args.model], precision, str(renamed), args.device, '0'))
     for path in generated if not args.keep else []:
         path.unlink()
 

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_large_load import DTYPES, manifest, write_checkpoint  # noqa: E402
+from common import encode_only, gemm_peak, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / 'tests' / 'data' / 'tiny_a'
@@ -47,22 +48,7 @@ BF16_FLOP = 2  # multiply and add
 def gemm_section(dry_run: bool) -> dict:
     """The bf16 GEMM rate (FLOP/s) of the device: the best of a few large square products."""
     device, n = ('cpu', 512) if dry_run else ('cuda', 8192)
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    best = 0.0
-    for _ in range(5):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ b
-        _sync(device)
-        best = max(best, 10 * BF16_FLOP * n ** 3 / (time.perf_counter() - start))
-    return dict(n=n, flop_per_s=best)
-
-
-def _sync(device: str) -> None:
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
+    return dict(n=n, flop_per_s=gemm_peak(torch.bfloat16, device, n))
 
 
 def _model(name: str, device: str, config: Path | None):
@@ -93,44 +79,16 @@ def encode_section(name: str, batches: list[int], peak: float, dry_run: bool, co
                 flops = counter.get_total_flops()
                 for _ in range(3):  # warm-up (and compilation)
                     encode(x)
-                _sync(device)
+                sync(device)
                 start, n = time.perf_counter(), 0
                 while n < 5 or time.perf_counter() - start < (0.5 if dry_run else 5):
                     encode(x)
                     n += 1
-                _sync(device)
+                sync(device)
             rate = n * batch / (time.perf_counter() - start)
             runs.append(dict(model=name, batch=batch, compiled=compiled, images_per_s=rate,
                              flop_per_image=flops, peak_fraction=rate * flops / peak))
     return runs
-
-
-def _encode_only(name: str, checkpoint: Path, batch: int, device: str, config: Path | None) -> float:
-    """images/s of the CLI's own encoder (same model, precision, batch) on ready tensors, in a fresh process."""
-    code = f'''
-import json, sys, time, torch
-from pathlib import Path
-import eva_open_clip
-from eva_open_clip.embed.encoder import Encoder
-from eva_open_clip.cli.loading import load_model
-if {str(config)!r} != 'None':
-    eva_open_clip.register_eva_model({name!r}, json.loads(Path({str(config)!r}).read_text()))
-model, preprocess, tokenizer = load_model({name!r}, {str(checkpoint)!r}, {device!r}, 'bf16')
-encoder = Encoder(model, preprocess, tokenizer, {device!r}, 'bf16')
-size = model.visual.preprocess_cfg['size']
-size = size[0] if isinstance(size, (tuple, list)) else size
-x = torch.randn({batch}, 3, size, size)
-encoder.encode_pixels(x)
-n, start = 0, time.perf_counter()
-while n < 20 * {batch} or time.perf_counter() - start < 5:
-    encoder.encode_pixels(x)
-    n += {batch}
-print(n / (time.perf_counter() - start))
-'''
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def embed_section(name: str, checkpoint: Path, shards: str, batch: int, workers: int, device: str,
@@ -146,7 +104,7 @@ def embed_section(name: str, checkpoint: Path, shards: str, batch: int, workers:
         raise RuntimeError(result.stderr[-2000:])
     rank = json.loads((out / 'summary.json').read_text())['ranks'][0]
     shutil.rmtree(out)
-    ceiling = _encode_only(name, checkpoint, batch, device, config)
+    ceiling = encode_only(name, checkpoint, batch, device, 'bf16', min_seconds=5, config=config)['images_per_s']
     return dict(model=name, batch=batch, workers=workers, images_per_s=rank['images_per_s'],
                 encode_only_images_per_s=ceiling, ratio=rank['images_per_s'] / ceiling,
                 images_per_s_per_worker=rank['images_per_s'] / workers,
