@@ -213,31 +213,31 @@ def _embed_folder(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if summary is None:
         return 0
-    ranks_counts = summary['ranks']
-    print(f"embedded {plural(summary['rows'], 'sample')} of {plural(summary['units'], 'unit')} into {args.out} "
-          f"({_skipped(summary['skipped_by_reason'])}); this run: "
-          f"{plural(sum(r['rows'] for r in ranks_counts), 'sample')} on {plural(ranks.world_size, 'rank')}"
-          f"{_rate(ranks_counts)}", file=sys.stderr)
-    unreadable = [u for r in ranks_counts for u in r['unreadable']]
+    print(f"embedded {plural(summary.rows, 'sample')} of {plural(summary.units, 'unit')} into {args.out} "
+          f"({_skipped(summary.skipped_by_reason)}); this run: "
+          f"{plural(sum(r.rows for r in summary.ranks), 'sample')} on {plural(ranks.world_size, 'rank')}"
+          f"{_rate(summary.ranks)}", file=sys.stderr)
+    unreadable = [u for r in summary.ranks for u in r.unreadable]
     if unreadable:
-        first = unreadable[0]
-        print(f"eva-open-clip embed: {plural(len(unreadable), 'shard')} could not be read, e.g. {first['source']}: "
-              f"{first['detail']}; they are not marked done: run the same command to try them again", file=sys.stderr)
+        print(f"eva-open-clip embed: {plural(len(unreadable), 'shard')} could not be read, e.g. "
+              f"{unreadable[0].source}: {unreadable[0].detail}; they are not marked done: run the same command to "
+              f"try them again",
+              file=sys.stderr)
         return 1
-    if summary['rows'] == 0:
+    if summary.rows == 0:
         print('eva-open-clip embed: no sample could be embedded'
-              + (f" ({_skipped(summary['skipped_by_reason'])}; check --image-key and --caption-key)"
-                 if summary['skipped'] else ''), file=sys.stderr)
+              + (f" ({_skipped(summary.skipped_by_reason)}; check --image-key and --caption-key)"
+                 if summary.skipped else ''), file=sys.stderr)
         return 1
     return 0
 
 
-def _rate(ranks: list[dict]) -> str:
+def _rate(ranks: list) -> str:
     """This run's rate, and how much of its time the model waited for decoded images (raise --workers)."""
-    rates = [r['images_per_s'] for r in ranks if r['images_per_s']]
+    rates = [r.images_per_s for r in ranks if r.images_per_s]
     if not rates:
         return ''
-    waited = sum(r['input_wait_s'] for r in ranks) / sum(r['seconds'] for r in ranks)
+    waited = sum(r.input_wait_s for r in ranks) / sum(r.seconds for r in ranks)
     return f', {sum(rates):.4g} img/s after the first batch ({waited:.1%} of it waiting for decoded images)'
 
 

@@ -23,6 +23,7 @@ from eva_open_clip.errors import ToolError, UsageError
 from eva_open_clip.embed.store.folder import (FolderSettings, FolderWriter, check_folder, done_count, done_units,
                                               finish_folder, prepare)
 from eva_open_clip.embed.store.paths import rank_record
+from eva_open_clip.embed.store.records import RankCounts, Summary
 from eva_open_clip.embed.encoder import Encoder
 from eva_open_clip.embed.loader import DecodedBatches, UnitDataset, shm_prefetch
 from eva_open_clip.embed.progress import Progress
@@ -48,16 +49,12 @@ class Ranks:
 
 def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, inputs: Sequence[str],
                  files_from: str | None, out: Path, workers: int, batch_size: int = 32, ranks: Ranks = Ranks(),
-                 progress_interval: float | None = None, quiet: bool = False) -> dict | None:
+                 progress_interval: float | None = None, quiet: bool = False) -> Summary | None:
     """Embed into the folder `out`; return the summary on rank 0 (None elsewhere).
 
     The only collective is at the start (rank 0's verdict on the folder). At the end each rank records
     its counts in `DIR/ranks/`, and rank 0 builds the summary once every rank's record is there, so ranks
-    that finish hours apart wait on nothing with a timeout. Each rank's counts: `units`, `rows` and
-    `skipped` of this run, `model_loaded` (a rank with no units left does not load it), and `seconds`
-    and `images_per_s` from the end of the first batch (loading and start-up excluded), with
-    `input_wait_s` the part of that time spent waiting for decoded images; `unreadable`, the units whose
-    shard could not be read (not done: the next run tries them again).
+    that finish hours apart wait on nothing with a timeout (each rank's counts: `records.RankCounts`).
     """
     out = Path(out)
     lock = OutputLock.for_folder(out)
@@ -87,12 +84,12 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         progress = Progress(len(units), 'unit', lambda: done_count(out), progress_interval,
                             enabled=ranks.rank == 0 and not quiet)
         try:
-            counts = _embed_units(load_encoder, settings, mine, out, workers, batch_size, progress) if mine else \
-                dict(units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None, input_wait_s=0.0, model_loaded=False,
-                     unreadable=[])
+            counts = _embed_units(load_encoder, settings, mine, out, workers, batch_size, progress, ranks.rank) \
+                if mine else RankCounts(rank=ranks.rank, units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None,
+                                        input_wait_s=0.0, model_loaded=False, unreadable=[])
         finally:
             progress.close()
-        write_text(rank_record(out, ranks.rank), json.dumps(dict(rank=ranks.rank, **counts)) + '\n')
+        write_text(rank_record(out, ranks.rank), counts.to_json())
         if ranks.rank != 0:
             return None
         return finish_folder(out, settings, _wait_for_ranks(out, ranks.world_size))
@@ -100,7 +97,7 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         lock.release()
 
 
-def _wait_for_ranks(out: Path, world_size: int) -> list[dict]:
+def _wait_for_ranks(out: Path, world_size: int) -> list[RankCounts]:
     """Every rank's record of this run, waiting (on files, not on a collective) for those still working.
 
     A rank that dies ends the torchrun job, this rank included, so the wait ends with the job.
@@ -108,7 +105,7 @@ def _wait_for_ranks(out: Path, world_size: int) -> list[dict]:
     paths = [rank_record(out, r) for r in range(world_size)]
     while not all(p.exists() for p in paths):
         time.sleep(1.0)
-    return [json.loads(p.read_text()) for p in paths]
+    return [RankCounts.from_json(json.loads(p.read_text())) for p in paths]
 
 
 def _image_bytes(encoder: Encoder) -> int:
@@ -119,7 +116,7 @@ def _image_bytes(encoder: Encoder) -> int:
 
 
 def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list, out: Path,
-                 workers: int, batch_size: int, progress: Progress) -> dict:
+                 workers: int, batch_size: int, progress: Progress, rank: int) -> RankCounts:
     encoder = load_encoder()
     writer = FolderWriter(out, settings, units, batch_size)
     dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=settings.image_keys,
@@ -141,9 +138,10 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         progress.update(len(batch.keys))
         if first is None and batch.keys:
             first, first_rows = time.perf_counter(), len(batch.keys)
-    rows = sum(r['rows'] for r in writer.finished)
+    rows = sum(r.rows for r in writer.finished)
     seconds = time.perf_counter() - first if first is not None else 0.0
-    return dict(units=len(writer.finished), rows=rows, skipped=sum(len(r['skipped']) for r in writer.finished),
-                seconds=seconds,
-                images_per_s=(rows - first_rows) / seconds if seconds > 0 and rows > first_rows else None,
-                input_wait_s=batches.waited, model_loaded=True, unreadable=writer.unreadable)
+    return RankCounts(rank=rank, units=len(writer.finished), rows=rows,
+                      skipped=sum(len(r.skipped) for r in writer.finished),
+                      seconds=seconds,
+                      images_per_s=(rows - first_rows) / seconds if seconds > 0 and rows > first_rows else None,
+                      input_wait_s=batches.waited, model_loaded=True, unreadable=writer.unreadable)

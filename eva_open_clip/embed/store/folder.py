@@ -42,6 +42,7 @@ from eva_open_clip.durable import remove_temporary_files, temporary_target, writ
 from eva_open_clip.errors import UsageError
 from eva_open_clip.embed.loader import Batch
 from eva_open_clip.embed.store.names import name_text
+from eva_open_clip.embed.store.records import Part, RankCounts, SkipRecord, Summary, UnitRecord, Unreadable
 from eva_open_clip.embed.store.paths import (PART_FOLDERS, RANKS, RECORD_NAME, RECORDS, SETTINGS_FILE, SUBFOLDERS,
                                              SUMMARY_FILE, TOP_FILES, part_name, record_path)
 from eva_open_clip.embed.units import Unit, plan_units, read_units
@@ -70,17 +71,12 @@ class FolderSettings:
         return json.loads(json.dumps(self.__dict__))
 
 
-_RECORD_KEYS = {'unit', 'sources', 'settings', 'rows', 'parts', 'skipped'}
-
-
-def _read_record(path: Path) -> dict | None:
+def _read_record(path: Path) -> UnitRecord | None:
     """A unit's record, or None when it is not a sound record of this tool (of this format)."""
     try:
-        record = json.loads(path.read_text(encoding='utf-8'))
-        if not (isinstance(record, dict) and _RECORD_KEYS <= record.keys() and path == record_path(
-                path.parent.parent, record['unit']) and record['settings'].get('format') == FORMAT_VERSION):
+        record = UnitRecord.from_json(json.loads(path.read_text(encoding='utf-8')))
+        if path != record_path(path.parent.parent, record.unit) or record.settings.get('format') != FORMAT_VERSION:
             return None
-        Unit.from_record(record)
         return record
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -91,7 +87,7 @@ def _record_paths(out: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if RECORD_NAME.fullmatch(p.name)) if folder.is_dir() else []
 
 
-def read_records(out: Path) -> list[dict]:
+def read_records(out: Path) -> list[UnitRecord]:
     """The sound records of the done units, in unit order."""
     return [r for r in map(_read_record, _record_paths(out)) if r is not None]
 
@@ -103,11 +99,11 @@ def _rows_in(path: Path) -> int:
     return pq.read_metadata(path).num_rows
 
 
-def _intact(out: Path, record: dict) -> bool:
+def _intact(out: Path, record: UnitRecord) -> bool:
     """Whether every file of every part of a unit's record is there, of its recorded size and row count."""
     try:
-        return all((out / name).stat().st_size == size and _rows_in(out / name) == part['rows']
-                   for part in record['parts'] for name, size in part['files'].items())
+        return all((out / name).stat().st_size == size and _rows_in(out / name) == part.rows
+                   for part in record.parts for name, size in part.files.items())
     except Exception:  # missing, unreadable, or not an array/table at all
         return False
 
@@ -148,18 +144,18 @@ def check_folder(out: Path) -> None:
                      f'give a new or empty folder (nothing in {out} was changed)')
 
 
-def _settled(out: Path, settings: FolderSettings, records: list[dict], notes: list[str]) -> list[dict]:
+def _settled(out: Path, settings: FolderSettings, records: list[UnitRecord], notes: list[str]) -> list[UnitRecord]:
     """The records made with this folder's settings; refuses other settings; (re)writes embed.json."""
     wanted = settings.as_json()
     found = _read_settings(out)
     if records:
-        fixed = records[0]['settings']
+        fixed = records[0].settings
         differ = [k for k in wanted if fixed.get(k) != wanted[k]]
         if differ:
             detail = '; '.join(f'{k}: {fixed.get(k)!r} there, {wanted[k]!r} now' for k in differ)
             raise UsageError(f'{out} holds the output of another embedding run ({detail}); '
                              f'use a new --out folder, or the same settings to resume')
-        records = [r for r in records if r['settings'] == fixed]
+        records = [r for r in records if r.settings == fixed]
         if found != wanted:
             notes.append(f'note: {out / SETTINGS_FILE} was {"damaged or missing" if found is None else "changed"}; '
                          f'rebuilt from the records of the {len(records)} finished unit(s)')
@@ -188,12 +184,12 @@ def _remove_unnamed(out: Path, kept: set[str]) -> None:
     remove_temporary_files(out / RANKS, RECORD_NAME)
 
 
-def _disjoint(records: list[dict]) -> list[dict]:
+def _disjoint(records: list[UnitRecord]) -> list[UnitRecord]:
     """The records in unit order, less any that names a source an earlier one holds (its unit is redone)."""
     taken: set[str] = set()
     kept = []
     for record in records:
-        reals = {s.real for s in Unit.from_record(record).sources}
+        reals = {s.real for s in record.as_unit().sources}
         if not reals & taken:
             kept.append(record)
             taken |= reals
@@ -218,17 +214,17 @@ def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_fr
         if sub != 'text_emb' or settings.captions:  # no empty text_emb/ without --captions
             (out / sub).mkdir(exist_ok=True)
     units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,
-                                         {r['unit']: Unit.from_record(r) for r in records})
-    done = {record_path(out, r['unit']).name for r in records}
+                                         {r.unit: r.as_unit() for r in records})
+    done = {record_path(out, r.unit).name for r in records}
     for path in _record_paths(out):
         if path.name not in done:
             path.unlink()
-    _remove_unnamed(out, {name for r in records for part in r['parts'] for name in part['files']})
+    _remove_unnamed(out, {name for r in records for part in r.parts for name in part.files})
     return Plan(units, duplicates, notes + ([note] if note else []))
 
 
 def done_units(out: Path) -> frozenset[int]:
-    return frozenset(r['unit'] for r in read_records(out))
+    return frozenset(r.unit for r in read_records(out))
 
 
 def done_count(out: Path) -> int:
@@ -244,7 +240,7 @@ class _UnitRows:
     rows: list[dict[str, Any]] = field(default_factory=list)  # fixed columns of the rows not yet written
     json_fields: list[dict | None] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
-    parts: list[dict] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     total: int = 0
 
 
@@ -273,8 +269,8 @@ class FolderWriter:
         self.batch_size = batch_size
         self.by_index = {u.index: u for u in units}
         self.units: dict[int, _UnitRows] = {}
-        self.finished: list[dict] = []  # records of the units this writer completed
-        self.unreadable: list[dict] = []  # units whose shard could not be read (not done)
+        self.finished: list[UnitRecord] = []  # records of the units this writer completed
+        self.unreadable: list[Unreadable] = []  # units whose shard could not be read (not done)
 
     def add(self, batch: Batch, image: np.ndarray | None, text: np.ndarray | None) -> None:
         unit = self.units.setdefault(batch.unit, _UnitRows(self.by_index[batch.unit]))
@@ -314,53 +310,52 @@ class FolderWriter:
         unit.rows, unit.json_fields = unit.rows[rows:], unit.json_fields[rows:]
         meta = f'metadata/metadata_{name}.parquet'
         files[meta] = write_atomic(self.out / meta, lambda p: self.write_table(table, p))
-        unit.parts.append(dict(name=name, rows=rows, files=files, columns=kinds))
+        unit.parts.append(Part(name=name, rows=rows, files=files, columns=kinds))
 
     def _finish_unit(self, index: int, unit: _UnitRows) -> None:
         source = name_text(unit.unit.source)
         unreadable = next((s for s in unit.skipped if s.reason == UNREADABLE), None)
         if unreadable is not None:  # no record: its parts are removed and the unit redone by the next run
-            self.unreadable.append(dict(unit=index, source=source, detail=unreadable.detail))
+            self.unreadable.append(Unreadable(unit=index, source=source, detail=unreadable.detail))
             return
-        record = dict(unit=index, source=source, sources=unit.unit.identity(), settings=self.settings,
-                      batch_size=self.batch_size, rows=unit.total, parts=unit.parts,
-                      skipped=[dict(key=None if s.key is None else name_text(s.key), reason=s.reason, detail=s.detail)
-                               for s in unit.skipped])
-        write_text(record_path(self.out, index), json.dumps(record) + '\n')
+        record = UnitRecord(unit=index, source=source, sources=unit.unit.identity(), settings=self.settings,
+                            batch_size=self.batch_size, rows=unit.total, parts=unit.parts,
+                            skipped=[SkipRecord(None if s.key is None else name_text(s.key), str(s.reason), s.detail)
+                                     for s in unit.skipped])
+        write_text(record_path(self.out, index), record.to_json())
         self.finished.append(record)
 
 
-def _conform_metadata(out: Path, records: list[dict]) -> None:
+def _conform_metadata(out: Path, records: list[UnitRecord]) -> None:
     """Give every metadata part the folder's columns and types (see `metadata`), updating the records."""
     import pyarrow.parquet as pq
-    target = metadata.folder_kinds(part['columns'] for r in records for part in r['parts'])
+    target = metadata.folder_kinds(part.columns for r in records for part in r.parts)
     for record in records:
         changed = False
-        for part in record['parts']:
-            if part['columns'] == target:
+        for part in record.parts:
+            if part.columns == target:
                 continue
-            name = f"metadata/metadata_{part['name']}.parquet"
-            table = metadata.conform(pq.read_table(out / name), part['columns'], target)
-            part['files'][name] = write_atomic(out / name, lambda p, t=table: pq.write_table(t, p))
-            part['columns'] = dict(target)
+            name = f'metadata/metadata_{part.name}.parquet'
+            table = metadata.conform(pq.read_table(out / name), part.columns, target)
+            part.files[name] = write_atomic(out / name, lambda p, t=table: pq.write_table(t, p))
+            part.columns = dict(target)
             changed = True
         if changed:  # a crash before this line leaves a part of another size: the unit is redone
-            write_text(record_path(out, record['unit']), json.dumps(record) + '\n')
+            write_text(record_path(out, record.unit), record.to_json())
 
 
-def finish_folder(out: Path, settings: FolderSettings, ranks: list[dict]) -> dict:
+def finish_folder(out: Path, settings: FolderSettings, ranks: list[RankCounts]) -> Summary:
     """Conform the metadata parts and write DIR/summary.json: settings, totals, this run's counts per rank."""
     records = read_records(out)
     _conform_metadata(out, records)
     reasons: dict[str, int] = {}
     for record in records:
-        for s in record['skipped']:
-            reasons[s['reason']] = reasons.get(s['reason'], 0) + 1
-    summary = dict(model=settings.model, pretrained=settings.pretrained, precision=settings.precision,
-                   units=len(records), rows=sum(r['rows'] for r in records),
-                   parts=sum(len(r['parts']) for r in records),
-                   skipped=sum(len(r['skipped']) for r in records), skipped_by_reason=reasons, ranks=ranks)
-    write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + '\n')
+        for s in record.skipped:
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    summary = Summary(model=settings.model, pretrained=settings.pretrained, precision=settings.precision,
+                      units=len(records), rows=sum(r.rows for r in records), parts=sum(len(r.parts) for r in records),
+                      skipped=sum(len(r.skipped) for r in records), skipped_by_reason=reasons, ranks=ranks)
+    write_text(out / SUMMARY_FILE, summary.to_json())
     for record in (out / RANKS).iterdir():
         if RECORD_NAME.fullmatch(record.name):
             record.unlink()
