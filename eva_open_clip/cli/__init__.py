@@ -18,6 +18,7 @@ from eva_open_clip.cli.checks import (REGISTER_FORM, check_device, check_model, 
 from eva_open_clip.cli.runner import RUN_DESCRIPTION, RUN_USAGE, run_target, split_run_args
 from eva_open_clip.embed.defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
 from eva_open_clip.embed.progress import plural
+from eva_open_clip.embed.ranks import Ranks
 from eva_open_clip.errors import UsageError, UserError
 
 
@@ -61,7 +62,7 @@ def _check_model_options(args: argparse.Namespace) -> None:
     """The model options' usage errors, before any tool module is imported or the model loaded."""
     check_model(args.model)
     args.pretrained = check_pretrained_option(args.model, args.pretrained)
-    if int(os.environ.get('WORLD_SIZE', 1)) == 1:  # under torchrun each rank's device is checked once known
+    if Ranks.from_env().world_size == 1:  # under torchrun each rank's device is checked once known
         check_device(args.device)
 
 
@@ -103,7 +104,7 @@ def _embed(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise UsageError('--workers must be 0 or more')
     npy = args.out.endswith('.npy')
-    if npy and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+    if npy and Ranks.from_env().world_size > 1:
         raise UsageError('--out FILE.npy is written by one process: under torchrun give --out DIR')
     if npy and args.captions:
         raise UsageError('--captions writes the folder layout: give --out DIR')
@@ -151,7 +152,7 @@ def _warn_skipped(skipped: list) -> None:
 
 def _workers(args: argparse.Namespace) -> int:
     from eva_open_clip.embed.loader import default_workers
-    return default_workers(int(os.environ.get('LOCAL_WORLD_SIZE', 1))) if args.workers is None else args.workers
+    return default_workers(Ranks.from_env().local_world_size) if args.workers is None else args.workers
 
 
 class Interrupted(BaseException):
@@ -178,14 +179,13 @@ def _embed_folder(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
     from eva_open_clip.cli.checks import rank_device
-    from eva_open_clip.embed.job import Ranks, embed_folder
+    from eva_open_clip.embed.job import embed_folder
     from eva_open_clip.embed.store.folder import FolderSettings, done_count
     from eva_open_clip.embed.units import read_units
-    ranks = Ranks(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)))
+    ranks = Ranks.from_env()
     device = args.device
     if ranks.world_size > 1:
-        device = rank_device(device, int(os.environ.get('LOCAL_RANK', 0)),
-                             int(os.environ.get('LOCAL_WORLD_SIZE', 1)), torch.cuda.is_available())
+        device = rank_device(device, ranks.local_rank, ranks.local_world_size, torch.cuda.is_available())
         check_device(device)
         if device and device.startswith('cuda'):
             torch.cuda.set_device(device)

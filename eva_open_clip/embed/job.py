@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from eva_open_clip.embed.decode import PixelLimits
 from eva_open_clip.durable import write_text
@@ -27,24 +26,8 @@ from eva_open_clip.embed.store.records import RankCounts, Summary
 from eva_open_clip.embed.encoder import Encoder
 from eva_open_clip.embed.loader import DecodedBatches, UnitDataset, shm_prefetch
 from eva_open_clip.embed.progress import Progress
+from eva_open_clip.embed.ranks import Ranks
 from eva_open_clip.embed.units import read_units
-
-
-@dataclass
-class Ranks:
-    """This process's place in a torchrun job: rank 0 of 1 without one. `share` is a collective."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    def share(self, value: Any) -> Any:
-        """Rank 0's value, on every rank."""
-        if self.world_size == 1:
-            return value
-        import torch.distributed as dist
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, inputs: Sequence[str],

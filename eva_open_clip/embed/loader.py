@@ -21,6 +21,7 @@ from eva_open_clip.embed.decode import ImageRefused, PixelLimits, caption_text, 
 from eva_open_clip.embed.skips import Reason, Sample, Skip
 from eva_open_clip.embed.samples import unit_samples
 from eva_open_clip.errors import ToolError, UsageError
+from eva_open_clip.embed.ranks import Ranks
 from eva_open_clip.embed.units import Unit
 
 _WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
@@ -213,7 +214,7 @@ class DecodedBatches:
         self.decode_cpu, self.decoded, self.model_cpu_per_image = 0.0, 0, float('inf')
 
     def __iter__(self) -> Iterator[Batch]:
-        start = 'fork' if int(os.environ.get('WORLD_SIZE', 1)) > 1 else _WORKER_START
+        start = 'fork' if Ranks.from_env().world_size > 1 else _WORKER_START
         extra = dict(prefetch_factor=self.prefetch, multiprocessing_context=start, timeout=self.STALLED_S,
                      worker_init_fn=functools.partial(_exit_with, os.getpid())) if self.workers else {}
         data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
