@@ -27,7 +27,6 @@ IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.ti
 SHARD_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
 
 
-_PATTERN_CHARS = set('{*?[')
 
 
 class InputError(UsageError):
@@ -113,7 +112,7 @@ def expand_pattern(pattern: str) -> list[str]:
     """Paths a brace pattern (`data/{00000..00099}.tar`) and/or glob names, in the pattern's order."""
     found: list[str] = []
     for expanded in braceexpand(pattern):
-        found.extend(sorted(glob.glob(expanded)) if set(expanded) & set('*?[') else [expanded])
+        found.extend(sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded])
     return found
 
 
@@ -163,7 +162,7 @@ def input_sources(inputs: Sequence[str], files_from: str | None) -> Iterator[Sou
             yield from _folder(arg)
         elif os.path.isfile(arg):
             yield _stat(arg, '')
-        elif set(arg) & _PATTERN_CHARS:
+        elif glob.has_magic(arg) or '{' in arg:  # a glob, or a brace pattern
             matches = expand_pattern(arg)
             if not matches:
                 raise InputError(f'{arg}: matches no file')

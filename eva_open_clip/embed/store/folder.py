@@ -297,15 +297,13 @@ class FolderWriter:
     def _write_part(self, index: int, unit: _UnitRows, rows: int) -> None:
         name = part_name(index, len(unit.parts))
         files: dict[str, int] = {}
-        image = np.concatenate(unit.image)
-        unit.image = [image[rows:]]
-        files[f'img_emb/img_emb_{name}.npy'] = write_atomic(self.out / 'img_emb' / f'img_emb_{name}.npy',
-                                                            _save_npy(image[:rows]))
-        if unit.text:
-            text = np.concatenate(unit.text)
-            unit.text = [text[rows:]]
-            files[f'text_emb/text_emb_{name}.npy'] = write_atomic(self.out / 'text_emb' / f'text_emb_{name}.npy',
-                                                                  _save_npy(text[:rows]))
+        for kind, pending in (('img_emb', unit.image), ('text_emb', unit.text)):
+            if not pending:
+                continue  # no captions: no text features
+            features = np.concatenate(pending)
+            pending[:] = [features[rows:]]
+            path = f'{kind}/{kind}_{name}.npy'
+            files[path] = write_atomic(self.out / path, _save_npy(features[:rows]))
         table, kinds = metadata.part_table(unit.rows[:rows], unit.json_fields[:rows], self.fixed_types)
         unit.rows, unit.json_fields = unit.rows[rows:], unit.json_fields[rows:]
         meta = f'metadata/metadata_{name}.parquet'
