@@ -1,5 +1,6 @@
-"""The one way the tests run the command line: in a new interpreter (`run_cli`), or through its entry point in
-this process (`main_here`, a second instead of an interpreter's imports)."""
+"""The one way the tests run the command line: in a new interpreter (`run_cli`: the installed `eva-open-clip`
+command, as users run it, so that the package is the installed one wherever the tests run from), or
+through its entry point in this process (`main_here`, a second instead of an interpreter's imports)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,12 +17,12 @@ TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
             '-m', 'eva_open_clip')
 
 
-def command(*args, entry: str = 'module', launcher: Sequence[str] | None = None) -> list[str]:
+def command(*args, entry: str = 'console', launcher: Sequence[str] | None = None) -> list[str]:
     """`eva-open-clip ARGS` as a command line, by `entry` (`module` or `console`) or after another launcher."""
     return [*(launcher or COMMANDS[entry]), *map(str, args)]
 
 
-def run_cli(*args, env: dict | None = None, entry: str = 'module', launcher: Sequence[str] | None = None,
+def run_cli(*args, env: dict | None = None, entry: str = 'console', launcher: Sequence[str] | None = None,
             background: bool = False, timeout: float = 600, **kwargs):
     """`eva-open-clip ARGS` in a new process: its CompletedProcess (text), or with `background` its Popen."""
     cmd = command(*args, entry=entry, launcher=launcher)
