@@ -237,11 +237,11 @@ def test_models_lists_names_tags_files_and_the_cache(files, tmp_path):
         assert rows[release.name] == dict(model=release.name, tag=release.tag, params=release.params,
                                           hub_file=release.hub_file, file_size=release.file_size,
                                           cached=str(cached) if release.name == 'EVA02-CLIP-B-16' else None)
-    n = sum(p.numel() for p in open_clip.create_model('test-tiny_a').parameters())
+    n = sum(p.numel() for p in open_clip.create_model(model_name('tiny_a')).parameters())
     assert rows['test-tiny_a'] == dict(model='test-tiny_a', tag=None, params=f'{n / 1e6:.3g}M', hub_file=None,
                                    file_size=None, cached=None)
     table = run_cli('models', env=env)
-    assert table.returncode == 0 and table.stderr == ''
+    assert table.returncode == 0 and 'Traceback' not in table.stderr and 'eva-open-clip' not in table.stderr
     b16 = next(line for line in table.stdout.splitlines() if line.startswith('EVA02-CLIP-B-16 '))
     assert b16.split() == ['EVA02-CLIP-B-16', 'merged2b_s8b_b131k', '150M',
                            'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt', '0.3', 'GB', 'yes']
@@ -426,7 +426,9 @@ def test_ctrl_c_is_one_line(files, tmp_path):
     finally:
         os.close(writer)
     assert job.returncode == 128 + signal.SIGINT
-    assert stderr.strip() == 'eva-open-clip classify: interrupted'
+    assert 'Traceback' not in stderr  # (the oldest set's open_clip imports print warnings of their own first)
+    assert [line for line in stderr.splitlines() if line.startswith('eva-open-clip')] == \
+        ['eva-open-clip classify: interrupted']
 
 
 class _OutOfMemory(torch.nn.Module):
