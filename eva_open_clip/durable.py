@@ -16,17 +16,22 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-from eva_open_clip.errors import ToolError
+from eva_open_clip.errors import ToolError, UsageError
 
 TEMP_SUFFIX = '.tmp'
 
 
 class WriteError(ToolError):
     """A file could not be written (disk full, permission denied, ...), said in one line."""
+
+
+class OutputExists(UsageError, FileExistsError):
+    """The folder to write holds something already (replaced only with `force`)."""
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -141,3 +146,44 @@ def remove_temporary_files(folder: Path, targets: re.Pattern) -> None:
         target = temporary_target(leftover.name)
         if target is not None and targets.fullmatch(target):
             leftover.unlink(missing_ok=True)
+
+
+def check_empty(out: Path, force: bool) -> None:
+    """Raise OutputExists unless `out` is absent or an empty folder, or `force` allows replacing it."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise OutputExists(f'{out} exists and is not empty (use --force to replace it)')
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), 'rb') as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
+
+
+def write_folder(out: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
+    """Write the folder `out` whole or not at all: `fill(staging folder)` writes its files into a fresh
+    folder beside it, which is flushed to disk and then replaces `out` (only with `force` if `out` holds
+    anything); on any failure the staging folder is removed and `out` is left as it was."""
+    out = Path(out)
+    check_empty(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    os.chmod(staging, 0o777 & ~umask())  # the folder's mode as mkdir gives it, not mkdtemp's 0700
+    try:
+        fill(staging)
+        _fsync_tree(staging)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old.', dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+        fsync_dir(out.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out

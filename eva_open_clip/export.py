@@ -10,8 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -20,15 +18,11 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, read_state_dict
-from .durable import fsync_dir, umask, write_atomic, write_text
+from .durable import check_empty, write_atomic, write_folder, write_text
 from .empty_build import meta_model
 from .errors import UsageError
 from .layout import convert_state_dict
 from .registry import get_eva_model, list_eva_models
-
-class OutputExists(UsageError, FileExistsError):
-    """The folder to write holds something already (replaced only with `force`)."""
-
 
 CONFIG_NAME = 'open_clip_config.json'
 WEIGHTS_NAME = 'open_clip_model.safetensors'
@@ -63,42 +57,35 @@ def export_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, mod
     existing non-empty `out_dir` is only replaced with `force`; the folder appears complete or not at all.
     """
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise OutputExists(f'{out} exists and is not empty (use --force to replace it)')
+    check_empty(out, force)
     state_dict = read_state_dict(checkpoint)
     name = model_name or detect_model(state_dict)
     if name is None:
         raise CheckpointError(checkpoint, 'matches no registered EVA model; name one with --model '
                                           f'(registered: {", ".join(list_eva_models())})')
-    eva = get_eva_model(name)
-    if eva is None:
+    if get_eva_model(name) is None:
         raise UsageError(f"--model {name}: not an EVA-CLIP model (`eva-open-clip models` lists them)")
     dtype = _dtype_of(state_dict)
     del state_dict
     model = open_clip.create_model(name, pretrained=str(checkpoint), precision=_PRECISION.get(dtype, 'fp32'))
-    model_cfg = json.loads(json.dumps(eva.spec.open_clip_cfg))
+    config = {'model_cfg': model_config(name), 'preprocess_cfg': dict(model.visual.preprocess_cfg)}
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+    del model
+
+    def fill(folder: Path) -> None:
+        write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + '\n')
+        write_atomic(folder / WEIGHTS_NAME, lambda p: save_file(weights, str(p), metadata={'format': 'pt'}))
+        weights.clear()
+
+    return write_folder(out, fill, force)
+
+
+def model_config(name: str) -> dict:
+    """open_clip's model config of a registered EVA model, naming the stock timm model where there is one
+    (so that open_clip builds it without eva_open_clip)."""
+    eva = get_eva_model(name)
+    config = json.loads(json.dumps(eva.spec.open_clip_cfg))
     stock = eva.spec.stock_timm_name()
     if stock:
-        model_cfg['vision_cfg']['timm_model_name'] = stock
-    config = {'model_cfg': model_cfg, 'preprocess_cfg': dict(model.visual.preprocess_cfg)}
-    weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
-    os.chmod(staging, 0o777 & ~umask())  # the folder's mode as mkdir gives it, not mkdtemp's 0700
-    try:
-        write_text(staging / CONFIG_NAME, json.dumps(config, indent=2) + '\n')
-        write_atomic(staging / WEIGHTS_NAME, lambda p, w=weights: save_file(w, str(p), metadata={'format': 'pt'}))
-        del weights, model
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f'.{out.name}.old.', dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
-        fsync_dir(out.parent)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out
+        config['vision_cfg']['timm_model_name'] = stock
+    return config

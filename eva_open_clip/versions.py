@@ -14,6 +14,9 @@ inside open_clip or timm. What each release lacks (see also the README):
 | `model.lock_text_tower()` (open_clip's `TextTransformer.lock`) | 3.1 | |
 | SwiGLU without sub-LN (`naiveswiglu` alone, custom configs) | | 1.0.20 (`swiglu_align_to`) |
 | open_clip's trainer as `open_clip_train.main` (before: `training.main`) | 2.26 | |
+
+`eva-open-clip export-onnx` needs torch >= 2.6 (its ONNX exporter from `torch.export`, with dynamic
+shapes and external data) and the `onnx` extra.
 """
 from __future__ import annotations
 
@@ -34,8 +37,11 @@ class UnsupportedVersion(UserError, RuntimeError):
 
 OPEN_CLIP_VERSION = metadata.version('open_clip_torch')  # open_clip < 2.26 has no __version__
 TIMM_VERSION = metadata.version('timm')
+TORCH_VERSION = metadata.version('torch')
 OPEN_CLIP = Version(OPEN_CLIP_VERSION)
 TIMM = Version(TIMM_VERSION)
+TORCH = Version(TORCH_VERSION)
+ONNX_EXPORT_TORCH = (2, 6)
 
 
 def at_least(installed: Version, version: tuple[int, ...]) -> bool:
@@ -68,6 +74,12 @@ def require_open_clip(feature: str, version: tuple[int, ...]) -> None:
     if not open_clip_at_least(version):
         raise UnsupportedVersion(f'{feature} needs open_clip_torch >= {_text(version)} '
                                  f'(installed: {OPEN_CLIP_VERSION})')
+
+
+def require_torch(feature: str, version: tuple[int, ...]) -> None:
+    """Raise `UnsupportedVersion` unless the installed torch is at least `version`."""
+    if not at_least(TORCH, version):
+        raise UnsupportedVersion(f'{feature} needs torch >= {_text(version)} (installed: {TORCH_VERSION})')
 
 
 def require_timm(feature: str, version: tuple[int, ...]) -> None:

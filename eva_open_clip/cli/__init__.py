@@ -48,6 +48,27 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    from eva_open_clip.registry import get_eva_model
+    check_model(args.model)
+    if get_eva_model(args.model) is None:
+        raise UsageError(f'{args.model}: not an EVA-CLIP model (`eva-open-clip models` lists them)')
+    args.pretrained = check_pretrained_option(args.model, args.pretrained)
+    if args.quantize and args.dtype != 'fp32':
+        raise UsageError(f'--quantize {args.quantize} quantizes the fp32 model: drop --dtype {args.dtype}')
+    from eva_open_clip.deploy import export_onnx, require_onnx
+    from eva_open_clip.durable import check_empty
+    check_empty(Path(args.out_dir), args.force)
+    require_onnx()
+    from eva_open_clip.cli.loading import load_model
+    model, _, _ = load_model(args.model, args.pretrained, 'cpu', 'fp32' if args.dtype == 'fp32' else 'pure_fp16')
+    out = export_onnx(model, args.model, args.out_dir, quantize=args.quantize, force=args.force)
+    kind = f'int8 ({args.dtype} activations)' if args.quantize else args.dtype
+    print(f'wrote {out}: {kind} visual/model.onnx and textual/model.onnx with their preprocess and tokenizer '
+          f'files (Immich\'s layout)', file=sys.stderr)
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from eva_open_clip.cli.models_table import format_models, model_rows
     rows = model_rows()
@@ -277,6 +298,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument('--force', action='store_true', help='replace a non-empty OUT_DIR')
     _register_option(convert)
     convert.set_defaults(func=_convert)
+
+    onnx = sub.add_parser(
+        'export-onnx', help='export the image and text encoders as ONNX, in the folder layout Immich loads',
+        description='Write OUT_DIR/config.json, OUT_DIR/visual/{model.onnx,preprocess_cfg.json} and '
+                    'OUT_DIR/textual/{model.onnx,tokenizer.json,tokenizer_config.json}: two ONNX graphs (opset 18, '
+                    'dynamic batch) returning L2-normalized float32 embeddings of float32 images normalized as '
+                    "open_clip's preprocess does and of int32 token ids, with open_clip's tokenizer for the "
+                    "`tokenizers` library. Weights above 2 GB go to model.onnx.data beside each graph. Needs "
+                    "pip install 'eva_open_clip[onnx]'.")
+    onnx.add_argument('model', help='registered EVA model name (`eva-open-clip models` lists them)')
+    onnx.add_argument('out_dir', help='folder to write (must not exist or be empty, unless --force)')
+    onnx.add_argument('--pretrained', default=None,
+                      help="checkpoint path or pretrained tag (default: the model's hub tag, downloaded once)")
+    onnx.add_argument('--dtype', default='fp32', choices=('fp32', 'fp16'),
+                      help='weights and compute (inputs and outputs stay float32; default: %(default)s)')
+    onnx.add_argument('--quantize', default=None, choices=('int8',),
+                      help="ONNX Runtime's dynamic int8 quantization of the MatMul weights (for CPUs)")
+    onnx.add_argument('--force', action='store_true', help='replace a non-empty OUT_DIR')
+    _register_option(onnx)
+    onnx.set_defaults(func=_export_onnx)
 
     models = sub.add_parser('models', help='list the EVA-CLIP models, their tags and hub files, and what is cached',
                             description='The registered EVA-CLIP models (with --register, custom ones too): name, '

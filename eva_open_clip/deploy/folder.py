@@ -1,0 +1,95 @@
+"""`export-onnx`'s output: a model folder in the layout Immich's machine-learning service loads (the
+layout of its `immich-app/*` Hugging Face repositories), whole or not at all.
+
+    OUT/config.json                    open_clip's model config (Immich reads `text_cfg`)
+    OUT/visual/model.onnx              image encoder (+ model.onnx.data: its weights, above 2 GB)
+    OUT/visual/preprocess_cfg.json     size, mean, std, interpolation, resize_mode, as open_clip's preprocess
+    OUT/textual/model.onnx             text encoder (+ model.onnx.data)
+    OUT/textual/tokenizer.json         open_clip's tokenizer for the `tokenizers` library
+    OUT/textual/tokenizer_config.json  its pad token and context length
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+
+from eva_open_clip.deploy.graphs import PROTOBUF_LIMIT, ImageEncoder, TextEncoder, export_graph, quantize_int8
+from eva_open_clip.deploy.tokenizer import build_tokenizer, tokenizer_config
+from eva_open_clip.durable import write_folder
+from eva_open_clip.errors import UsageError
+from eva_open_clip.export import model_config
+from eva_open_clip.versions import ONNX_EXPORT_TORCH, require_torch
+
+CONFIG = 'config.json'
+VISUAL, TEXTUAL = 'visual', 'textual'
+MODEL = 'model.onnx'
+PREPROCESS = 'preprocess_cfg.json'
+TOKENIZER, TOKENIZER_CONFIG = 'tokenizer.json', 'tokenizer_config.json'
+EXTRA = ('onnx', 'onnxruntime', 'onnxscript', 'tokenizers')
+QUANTIZATIONS = ('int8',)
+
+
+def require_onnx() -> None:
+    """UsageError naming what to install, unless the `onnx` extra and a recent enough torch are there."""
+    missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"export-onnx needs {', '.join(missing)}: pip install 'eva_open_clip[onnx]'")
+    require_torch('export-onnx', ONNX_EXPORT_TORCH)
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2) + '\n'
+
+
+def export_onnx(model: torch.nn.Module, model_name: str, out_dir: str | os.PathLike, *,
+                quantize: str | None = None, force: bool = False,
+                external_data_threshold: int = PROTOBUF_LIMIT) -> Path:
+    """Write `out_dir` (see the module docstring) with the ONNX encoders of `model`, an open_clip EVA
+    model of the registered `model_name`, in the dtype of its weights (float32 or float16).
+
+    `quantize='int8'` writes ONNX Runtime's dynamic int8 quantization of a float32 model instead.
+    Weights above `external_data_threshold` bytes go to `model.onnx.data` beside each graph. An existing
+    non-empty `out_dir` is replaced only with `force`.
+    """
+    require_onnx()
+    dtype = next(model.parameters()).dtype
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise UsageError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
+    if quantize and dtype != torch.float32:
+        raise UsageError(f'--quantize {quantize} quantizes a float32 model: give --dtype fp32')
+    tokenizer = open_clip.get_tokenizer(model_name)
+    if not hasattr(tokenizer, 'bpe_ranks'):
+        raise UsageError(f"{model_name}'s tokenizer is not open_clip's CLIP tokenizer: export-onnx cannot write it")
+    config = model_config(model_name)
+    context_length = config['text_cfg'].get('context_length', 77)
+    preprocess = dict(model.visual.preprocess_cfg)
+    height, width = preprocess['size'] if isinstance(preprocess['size'], (tuple, list)) else (preprocess['size'],) * 2
+    model = model.eval()
+
+    def graph(encoder: torch.nn.Module, example: torch.Tensor, names: tuple[str, str], folder: Path) -> None:
+        folder.mkdir()
+        target = folder / MODEL
+        if not quantize:
+            return export_graph(encoder, example, *names, target, external_data_threshold)
+        source = folder / f'float32.{MODEL}'
+        export_graph(encoder, example, *names, source, external_data_threshold)
+        quantize_int8(source, target)
+        for leftover in (source, source.with_name(source.name + '.data')):
+            leftover.unlink(missing_ok=True)
+
+    def fill(out: Path) -> None:
+        (out / CONFIG).write_text(_json(config), encoding='utf-8')
+        graph(ImageEncoder(model, dtype), torch.zeros(2, 3, height, width), ('image', 'image_embedding'),
+              out / VISUAL)
+        (out / VISUAL / PREPROCESS).write_text(_json(preprocess), encoding='utf-8')
+        graph(TextEncoder(model), tokenizer(['a photo', 'a diagram']).int(), ('text', 'text_embedding'),
+              out / TEXTUAL)
+        build_tokenizer(tokenizer, context_length).save(str(out / TEXTUAL / TOKENIZER))
+        (out / TEXTUAL / TOKENIZER_CONFIG).write_text(_json(tokenizer_config(context_length)), encoding='utf-8')
+
+    return write_folder(Path(out_dir), fill, force)
