@@ -50,9 +50,11 @@ def child(script: str | Path, *args: str, check: bool = True) -> dict:
 
 
 def encode_only(name: str, checkpoint: Path, batch: int, device: str = 'cpu', precision: str = 'fp32',
-                batches: int = 20, min_seconds: float = 0.0, config: Path | None = None) -> dict:
+                batches: int = 20, min_seconds: float = 0.0, config: Path | None = None,
+                warmup_rows: int | None = None) -> dict:
     """The command line's own encoder (`embed`'s model, precision and batch) on ready tensors, in a fresh
-    process: after one warm-up batch, at least `batches` batches and `min_seconds`. `config`: a custom
+    process: after one warm-up batch (of `warmup_rows` rows if given: a slow model's warm-up on one image),
+    at least `batches` batches and `min_seconds`. `config`: a custom
     model's EVA-CLIP config to register first. Returns the timed images, seconds and images/s."""
     code = f'''
 import time, torch, eva_open_clip
@@ -68,7 +70,7 @@ encoder = Encoder(model, preprocess, tokenizer, {device!r}, {precision!r})
 size = model.visual.preprocess_cfg['size']
 size = size[0] if isinstance(size, (tuple, list)) else size
 x = torch.randn({batch}, 3, size, size)
-encoder.encode_pixels(x)
+encoder.encode_pixels(x[:{warmup_rows or batch}])
 n, start = 0, time.perf_counter()
 while n < {batches * batch} or time.perf_counter() - start < {min_seconds}:
     encoder.encode_pixels(x)

@@ -1,6 +1,7 @@
 """Shared fixtures: reference checkpoints as files, full-size checkpoints, the tiny model for the command line.
 
-Helpers live in `support/`; this file holds only fixtures."""
+Helpers live in `support/`; this file holds only fixtures, and the hook that keeps the full-size tests on one
+pytest-xdist worker."""
 from __future__ import annotations
 
 import json
@@ -50,3 +51,9 @@ def tiny(tmp_path_factory):
     model, _, preprocess = open_clip.create_model_and_transforms(model_name('tiny_a'), pretrained=str(folder / 'tiny.pt'))
     return folder, model.eval(), preprocess, open_clip.get_tokenizer(model_name('tiny_a'))
 
+
+def pytest_collection_modifyitems(items) -> None:
+    """The full-size tests (GBs each) run one after another on one worker, whatever `-n` says (`--dist loadgroup`)."""
+    for item in items:
+        if item.get_closest_marker('full_size'):
+            item.add_marker(pytest.mark.xdist_group('full_size'))

@@ -15,6 +15,8 @@ from support.checkpoints import REFERENCE_CASES, golden, model_name, rel_err, re
 from support.cli import main_here
 from support.onnx import CORPUS, HAS_ONNX, ids, immich_tokenizer, needs_export, session
 
+pytestmark = pytest.mark.xdist_group('onnx')  # one worker builds the module's exports
+
 def _model(case: str, precision: str = 'fp32'):
     name = model_name(case)
     model = open_clip.create_model(name, precision=precision)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from support.cli import run_cli
+from support.cli import main_here
 from support.embed import add_member, api_features, no_strays, png, read_folder, run_embed, same_output, same_rows
 
 
@@ -267,10 +267,10 @@ def test_input_errors_are_one_line_before_the_model_loads(tiny, tmp_path):
     cases[('--files-from', str(tmp_path / 'list.txt'))] = \
         f'{tmp_path / "gone.png"}: no such file (line 1 of --files-from {tmp_path / "list.txt"})'
     for args, message in cases.items():
-        result = run_cli('embed', *args, '--out', tmp_path / 'out', *no_model)
+        result = main_here('embed', *args, '--out', tmp_path / 'out', *no_model)
         assert _one_line_error(result, 2) == f'eva-open-clip embed: {message}'
     for flag in ('--part-size', '--batch-size'):
-        result = run_cli('embed', tmp_path, '--out', tmp_path / 'o', flag, '0')
+        result = main_here('embed', tmp_path, '--out', tmp_path / 'o', flag, '0')
         assert _one_line_error(result, 2) == f'eva-open-clip embed: {flag} must be at least 1'
     assert not (tmp_path / 'o').exists()
 

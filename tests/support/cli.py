@@ -36,10 +36,13 @@ def run_cli(*args, env: dict | None = None, entry: str = 'console', launcher: Se
 def main_here(*args) -> subprocess.CompletedProcess:
     """`eva-open-clip ARGS` through `cli.main` in this process: exit status, standard output and error.
 
-    argparse's own exits become the status; the signal handlers `embed` installs are put back."""
+    argparse's own exits become the status; the signal handlers `embed` installs and torch's thread count are
+    put back."""
+    import torch
     from eva_open_clip import cli
     argv = [str(a) for a in args]
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -50,4 +53,5 @@ def main_here(*args) -> subprocess.CompletedProcess:
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        torch.set_num_threads(threads)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

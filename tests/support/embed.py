@@ -43,9 +43,12 @@ def embed_command(tiny, *args, out) -> list[str]:
             *map(str, args), '--out', str(out), '--model', 'tiny', '--pretrained', str(folder / 'tiny.pt')]
 
 
-def run_embed(tiny, *args, out, launcher=None, background=False):
-    """`eva-open-clip embed ARGS --out OUT` on the tiny model, in a new process (or after `launcher`, e.g. torchrun)."""
-    return run_cli(*embed_command(tiny, *args, out=out), launcher=launcher, background=background)
+def run_embed(tiny, *args, out, launcher=None, background=False, new_process=False):
+    """`eva-open-clip embed ARGS --out OUT` on the tiny model: in this process (`embed_here`, seconds fewer),
+    or in a new one for `new_process`, `background` or a `launcher` (e.g. torchrun)."""
+    if launcher or background or new_process:
+        return run_cli(*embed_command(tiny, *args, out=out), launcher=launcher, background=background)
+    return embed_here(tiny, *args, out=out)
 
 
 def embed_here(tiny, *args, out, pretrained: str | None = None) -> subprocess.CompletedProcess:
