@@ -70,26 +70,24 @@ def export_onnx(model: torch.nn.Module, model_name: str, out_dir: str | os.PathL
     preprocess = dict(model.visual.preprocess_cfg)
     height, width = preprocess['size'] if isinstance(preprocess['size'], (tuple, list)) else (preprocess['size'],) * 2
     model = model.eval()
-
-    def graph(encoder: torch.nn.Module, example: torch.Tensor, names: tuple[str, str], folder: Path) -> None:
-        folder.mkdir()
-        target = folder / MODEL
-        if not quantize:
-            return export_graph(encoder, example, *names, target, external_data_threshold)
-        source = folder / f'float32.{MODEL}'
-        export_graph(encoder, example, *names, source, external_data_threshold)
-        quantize_int8(source, target)
-        for leftover in (source, source.with_name(source.name + '.data')):
-            leftover.unlink(missing_ok=True)
+    exported = f'float32.{MODEL}' if quantize else MODEL  # quantized from a float32 graph beside it
 
     def fill(out: Path) -> None:
         (out / CONFIG).write_text(_json(config), encoding='utf-8')
-        graph(ImageEncoder(model, dtype), torch.zeros(2, 3, height, width), ('image', 'image_embedding'),
-              out / VISUAL)
+        for part in (VISUAL, TEXTUAL):
+            (out / part).mkdir()
+        export_graph(ImageEncoder(model, dtype), torch.zeros(2, 3, height, width), 'image', 'image_embedding',
+                     out / VISUAL / exported, external_data_threshold)
         (out / VISUAL / PREPROCESS).write_text(_json(preprocess), encoding='utf-8')
-        graph(TextEncoder(model), tokenizer(['a photo', 'a diagram']).int(), ('text', 'text_embedding'),
-              out / TEXTUAL)
+        export_graph(TextEncoder(model), tokenizer(['a photo', 'a diagram']).int(), 'text', 'text_embedding',
+                     out / TEXTUAL / exported, external_data_threshold)
         build_tokenizer(tokenizer, context_length).save(str(out / TEXTUAL / TOKENIZER))
         (out / TEXTUAL / TOKENIZER_CONFIG).write_text(_json(tokenizer_config(context_length)), encoding='utf-8')
+        if quantize:
+            for part in (VISUAL, TEXTUAL):
+                source = out / part / exported
+                quantize_int8(source, out / part / MODEL)
+                for leftover in (source, source.with_name(source.name + '.data')):
+                    leftover.unlink(missing_ok=True)
 
     return write_folder(Path(out_dir), fill, force)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from eva_open_clip.durable import new_file_mode
 from eva_open_clip.errors import ToolError
 
 OPSET = 18
@@ -106,4 +107,7 @@ def quantize_int8(source: Path, target: Path) -> None:
         warnings.simplefilter('ignore')
         quantize_dynamic(source, target, op_types_to_quantize=['MatMul'], weight_type=QuantType.QInt8,
                          use_external_data_format=external)
+    for written in (target, target.with_name(target.name + '.data')):  # its data file comes as 0600
+        if written.exists():
+            os.chmod(written, new_file_mode())
     check_graph(target)

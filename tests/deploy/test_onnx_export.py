@@ -253,3 +253,20 @@ def test_without_the_extra(tmp_path, monkeypatch):
     assert result.stderr == (f"eva-open-clip export-onnx: export-onnx needs {', '.join(missing)}: "
                              "pip install 'eva_open_clip[onnx]'\n")
     assert not (tmp_path / 'out').exists()
+
+
+@needs_export
+def test_int8_with_external_data_files_have_the_usual_mode(tmp_path):
+    """ONNX Runtime's quantizer writes its external data 0600; the export gives every file the mode open() gives."""
+    from eva_open_clip.deploy import export_onnx
+    from eva_open_clip.durable import new_file_mode
+    name, model = _model('e02_tiny_a')
+    folder = export_onnx(model, name, tmp_path / 'onnx', quantize='int8', external_data_threshold=1024)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file())
+    assert 'visual/model.onnx.data' in files and 'textual/model.onnx.data' in files
+    assert {(folder / f).stat().st_mode & 0o777 for f in files} == {new_file_mode()}
+    images = _images(7, 'e02_tiny_a')
+    with torch.no_grad():
+        want = model.encode_image(images, normalize=True).numpy()
+    got = session(folder / 'visual' / 'model.onnx').run(None, {'image': images.numpy()})[0]
+    assert (got * want).sum(-1).min() >= 0.98

@@ -99,12 +99,13 @@ def eva_clip_rope_tables(head_dim: int, grid: int, pt_seq_len: int = 16, theta: 
 
 
 def full_size_checkpoint(name: str, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """Every key and shape of the released file of model `name`, random values, true rotary tables."""
+    """Every key and shape of the released file of model `name`, random values, true rotary tables (if it has any)."""
     shapes = manifest(name)
     sd = random_checkpoint({k: s for k, s in shapes.items() if '.rope.' not in k}, dtype=dtype)
-    cfg = json.loads((model_configs_dir() / f'{name}.json').read_text())['vision_cfg']
-    cos, sin = eva_clip_rope_tables(cfg['head_width'], cfg['image_size'] // cfg['patch_size'], cfg['pt_hw_seq_len'])
-    for key in shapes:
-        if '.rope.' in key:
+    rope = [key for key in shapes if '.rope.' in key]
+    if rope:  # EVA02 and later
+        cfg = json.loads((model_configs_dir() / f'{name}.json').read_text())['vision_cfg']
+        cos, sin = eva_clip_rope_tables(cfg['head_width'], cfg['image_size'] // cfg['patch_size'], cfg['pt_hw_seq_len'])
+        for key in rope:
             sd[key] = (cos if key.endswith('cos') else sin).to(dtype)
     return {k: sd[k] for k in shapes}
