@@ -36,6 +36,14 @@ def exported(tmp_path_factory):
     return folders
 
 
+@pytest.fixture
+def e02_command(tmp_path) -> list:
+    """`export-onnx NAME` arguments for the e02 reference files, registered from the command line under the test
+    name of its architecture (another name for the same architecture would be a second fit for its keys)."""
+    name = model_name('e02_tiny_a')
+    return ['export-onnx', name, '--register', f'{name}={tmp_path / "e02.json"}']
+
+
 def _images(batch: int, case: str) -> torch.Tensor:
     """`batch` random normalized images at the image size of `case`."""
     size = golden(case)['pixels'].shape[-1]
@@ -189,14 +197,11 @@ def test_fp16_export(tmp_path, case):
 
 
 @needs_export
-def test_command_line_export_with_int8(tmp_path):
+def test_command_line_export_with_int8(tmp_path, e02_command):
     """The command, with a registered config and --quantize int8: MatMulInteger graphs that track fp32."""
     from eva_open_clip.deploy.graphs import op_counts
-    (tmp_path / 'e02.json').write_text(json.dumps(golden('e02_tiny_a')['config']))
-    torch.save(released_state_dict('e02_tiny_a'), tmp_path / 'e02.pt')
     out = tmp_path / 'int8'
-    result = main_here('export-onnx', 'e02', out, '--register', f'e02={tmp_path / "e02.json"}',
-                       '--pretrained', tmp_path / 'e02.pt', '--quantize', 'int8')
+    result = main_here(*e02_command, out, '--pretrained', tmp_path / 'e02.pt', '--quantize', 'int8')
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f'wrote {out}: int8')
     assert sorted(p.name for p in (out / 'visual').iterdir()) == ['model.onnx', 'preprocess_cfg.json']
@@ -213,40 +218,32 @@ def test_command_line_export_with_int8(tmp_path):
     (['--dtype', 'fp16', '--quantize', 'int8'], '--quantize int8 quantizes the fp32 model: drop --dtype fp16'),
     (['--pretrained', 'nofile.pt'], '--pretrained nofile.pt: no such file'),
 ])
-def test_usage_errors(tmp_path, args, line):
-    (tmp_path / 'e02.json').write_text(json.dumps(golden('e02_tiny_a')['config']))
-    torch.save(released_state_dict('e02_tiny_a'), tmp_path / 'e02.pt')
+def test_usage_errors(tmp_path, e02_command, args, line):
     args = ['--pretrained', tmp_path / 'e02.pt'] + args if '--pretrained' not in args else args
-    result = main_here('export-onnx', 'e02', tmp_path / 'out', '--register', f'e02={tmp_path / "e02.json"}', *args)
+    result = main_here(*e02_command, tmp_path / 'out', *args)
     assert result.returncode == 2
     assert result.stderr.startswith(f'eva-open-clip export-onnx: {line}') and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / 'out').exists()
 
 
-def test_not_an_eva_model_and_a_full_folder(tmp_path):
+def test_not_an_eva_model_and_a_full_folder(tmp_path, e02_command):
     result = main_here('export-onnx', 'ViT-B-32', tmp_path / 'out', '--pretrained', 'openai')
     assert (result.returncode, result.stderr) == (2, 'eva-open-clip export-onnx: ViT-B-32: not an EVA-CLIP model '
                                                      '(`eva-open-clip models` lists them)\n')
-    (tmp_path / 'e02.json').write_text(json.dumps(golden('e02_tiny_a')['config']))
-    torch.save(released_state_dict('e02_tiny_a'), tmp_path / 'e02.pt')
     (tmp_path / 'out').mkdir()
     (tmp_path / 'out' / 'mine.txt').write_text('kept')
-    result = main_here('export-onnx', 'e02', tmp_path / 'out', '--register', f'e02={tmp_path / "e02.json"}',
-                       '--pretrained', tmp_path / 'e02.pt')
+    result = main_here(*e02_command, tmp_path / 'out', '--pretrained', tmp_path / 'e02.pt')
     assert (result.returncode, result.stderr) == (
         2, f'eva-open-clip export-onnx: {tmp_path / "out"} exists and is not empty (use --force to replace it)\n')
     assert (tmp_path / 'out' / 'mine.txt').read_text() == 'kept'
 
 
-def test_without_the_extra(tmp_path, monkeypatch):
+def test_without_the_extra(tmp_path, monkeypatch, e02_command):
     """Without the onnx extra (or on a torch older than 2.6) the command says in one line what to install."""
     if HAS_ONNX:  # make this environment one without the extra: its imports fail as if not installed
         for name in ('onnx', 'onnxruntime'):
             monkeypatch.setitem(sys.modules, name, None)
-    (tmp_path / 'e02.json').write_text(json.dumps(golden('e02_tiny_a')['config']))
-    torch.save(released_state_dict('e02_tiny_a'), tmp_path / 'e02.pt')
-    result = main_here('export-onnx', 'e02', tmp_path / 'out', '--register', f'e02={tmp_path / "e02.json"}',
-                       '--pretrained', tmp_path / 'e02.pt')
+    result = main_here(*e02_command, tmp_path / 'out', '--pretrained', tmp_path / 'e02.pt')
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
     missing = [m for m in ('onnx', 'onnxruntime', 'onnxscript', 'tokenizers')
                if m in ('onnx', 'onnxruntime') and HAS_ONNX or importlib.util.find_spec(m) is None]

@@ -23,7 +23,7 @@ from eva_open_clip.embed.loader import Batch, DecodedBatches, UnitDataset
 from eva_open_clip.embed.units import list_units
 from support.checkpoints import DATA
 from support.cli import TORCHRUN
-from support.embed import add_member as _add, api_features as _api_features, png as _png, read_folder as _read, \
+from support.embed import TINY, add_member as _add, api_features as _api_features, png as _png, read_folder as _read, \
     run_embed as _embed, same_output as _same_output
 
 SHARDS, PER_SHARD = 5, 60
@@ -120,7 +120,7 @@ def test_shards_with_captions_give_the_api_features_row_for_row(dataset, tiny, t
     assert records[str(root / 'shard-00006.tar')]['rows'] == 0
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['rows'] == len(rows) and summary['units'] == 7
-    assert summary['skipped'] == len(damaged) + len(cut_skips) and summary['model'] == 'tiny'
+    assert summary['skipped'] == len(damaged) + len(cut_skips) and summary['model'] == TINY
     rank = summary['ranks'][0]
     assert 0 <= rank['input_wait_s'] <= rank['seconds'] and rank['images_per_s'] > 0
 
