@@ -40,6 +40,8 @@ def exported(tmp_path_factory):
 def e02_command(tmp_path) -> list:
     """`export-onnx NAME` arguments for the e02 reference files, registered from the command line under the test
     name of its architecture (another name for the same architecture would be a second fit for its keys)."""
+    (tmp_path / 'e02.json').write_text(json.dumps(golden('e02_tiny_a')['config']))
+    torch.save(released_state_dict('e02_tiny_a'), tmp_path / 'e02.pt')
     name = model_name('e02_tiny_a')
     return ['export-onnx', name, '--register', f'{name}={tmp_path / "e02.json"}']
 
