@@ -1,6 +1,6 @@
 """`eva-open-clip embed --out DIR`: webdataset shards and folders, resumable parts, torchrun, damaged data.
 
-Runs the command line in subprocesses on a tiny EVA model (registered with `run --register`), on tar
+Runs the command line (in this process, or a new one where a test needs it) on a tiny EVA model, on tar
 shards generated here with a few hundred samples, some of them damaged on purpose. Every row is checked
 against the Python API's features of the sample its metadata names.
 """

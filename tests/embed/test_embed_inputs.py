@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from support.cli import COMMANDS
-from support.embed import (add_member, api_features, embed_here, no_strays, png, read_folder, run_embed, same_output,
+from support.embed import (TINY, add_member, api_features, embed_here, no_strays, png, read_folder, run_embed, same_output,
                          same_rows)
 from eva_open_clip.embed.store.paths import part_name, sortable_number
 from eva_open_clip.embed.store.names import name_text, original_name
@@ -273,7 +273,7 @@ def test_first_finished_unit_fixes_the_settings(tiny, tmp_path):
     typo = str(tiny[0] / 'tiny.ptt')  # a usage error: found before the folder is touched
     result = embed_here(tiny, image, '--workers', '0', out=out, pretrained=typo)
     assert _one_line_error(result, 2) == (f'eva-open-clip embed: --pretrained {typo}: no such file, nor a pretrained '
-                                          f'tag of tiny (it has no pretrained tags)')
+                                          f'tag of {TINY} (it has no pretrained tags)')
     assert not out.exists()
     damaged = tmp_path / 'damaged.pt'  # found only when the model is loaded, after the folder was prepared
     damaged.write_bytes(b'not a checkpoint')
