@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-
 from common import encode_only  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +93,8 @@ def run_embed(pattern: str, out: Path, model: list[str], workers: int, batch: in
                 peak_rss=int(rss.group(1)) * 1024)
 
 
-_SPIN = 'import time\nstart = time.perf_counter()\nx = 0\nfor i in range(20_000_000):\n    x += i\nprint(time.perf_counter() - start)'
+_SPIN = ('import time\nstart = time.perf_counter()\nx = 0\nfor i in range(20_000_000):\n    x += i\n'
+         'print(time.perf_counter() - start)')
 
 
 def cpu_capacity() -> float:
@@ -183,7 +183,8 @@ def main() -> None:
 
 def run_all(args: argparse.Namespace, work: Path) -> None:
     config, tiny_ckpt = _tiny_files(work)
-    tiny = ['run', '--register', f'tiny={config}', '-m', 'eva_open_clip', '--model', 'tiny', '--pretrained', str(tiny_ckpt)]
+    tiny = ['run', '--register', f'tiny={config}', '-m', 'eva_open_clip', '--model', 'tiny',
+            '--pretrained', str(tiny_ckpt)]
     results: dict = {}
     capacity = [cpu_capacity()]
     print(f'CPU capacity now: two busy processes together ran at {capacity[0]:.2f}x the rate of one')

@@ -88,7 +88,8 @@ def main() -> None:
         for name, r in results.items():
             print(f"{name:32s} rows {r['rows']:4d}  peak RSS {r['peak_rss'] / 2 ** 20:7.0f} MB  "
                   f"(+{(r['peak_rss'] - base) / 2 ** 20:.0f} MB)  skipped {r['skipped'] or 'none'}")
-        print(json.dumps({k: dict(peak_rss_mb=round(v['peak_rss'] / 2 ** 20), rows=v['rows']) for k, v in results.items()}))
+        print(json.dumps({k: dict(peak_rss_mb=round(v['peak_rss'] / 2 ** 20), rows=v['rows'])
+                          for k, v in results.items()}))
 
 
 if __name__ == '__main__':

@@ -27,7 +27,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-
 from common import child
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +124,8 @@ def child_load(name: str, precision: str, checkpoint: str, device: str, register
                / model_bytes) if cuda else {}
     return dict(impl='eva_open_clip' if register else 'open_clip', model=name, precision=precision, device=device,
                 seconds=seconds, peak_rss=peak, import_rss=baseline, model_bytes=model_bytes,
-                peak_over_model=peak / model_bytes, peak_minus_imports_over_model=(peak - baseline) / model_bytes, **gpu)
+                peak_over_model=peak / model_bytes,
+                peak_minus_imports_over_model=(peak - baseline) / model_bytes, **gpu)
 
 
 def _gb(n: float) -> str:

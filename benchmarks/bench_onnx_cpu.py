@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import child, encode_only
 from bench_large_load import peak_rss
+from common import child, encode_only
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / 'tests' / 'data' / 'images'
@@ -62,6 +61,7 @@ def child_accuracy(fp32: str, int8: str, name: str) -> dict:
     import onnxruntime as ort
     import open_clip
     from PIL import Image
+
     from eva_open_clip import list_eva_models  # registers the models, whose tokenizer this takes
     assert name in list_eva_models(), name
     cfg = json.loads((Path(fp32) / 'visual' / 'preprocess_cfg.json').read_text())

@@ -53,6 +53,7 @@ def gemm_section(dry_run: bool) -> dict:
 
 def _model(name: str, device: str, config: Path | None):
     import open_clip
+
     import eva_open_clip
     if config:
         eva_open_clip.register_eva_model(name, json.loads(config.read_text()))

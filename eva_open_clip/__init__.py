@@ -10,10 +10,10 @@ from .checkpoint import CheckpointError, load_image_tower
 from .configs import ConfigError
 from .errors import UserError
 from .layout import convert_state_dict
-from .registry import list_eva_models, register_builtin_models, register_eva_model
+from .registry import list_eva_models, register_builtin_models, register_eva_model, unregister_eva_model
 
 __all__ = ['CheckpointError', 'ConfigError', 'convert_state_dict', 'list_eva_models', 'load_image_tower',
-           'register_eva_model', 'UserError']
+           'register_eva_model', 'unregister_eva_model', 'UserError']
 __version__ = '0.1.0'
 
 open_clip_seam.install()

@@ -32,7 +32,7 @@ class CheckpointError(UserError, ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
-def _listed(keys: list[str]) -> str:
+def _key_list(keys: list[str]) -> str:
     shown = ', '.join(f"'{k}'" for k in keys[:_MAX_LISTED])
     more = len(keys) - _MAX_LISTED
     return shown + (f' and {more} more' if more > 0 else '')
@@ -45,6 +45,10 @@ def _read_safetensors(path: Path) -> StateDict:
         raise CheckpointError(path, f'not a readable safetensors file ({str(e)[:200]})') from None
 
 
+_REFUSED = ('refused: the file holds Python objects other than tensors, which could run code when unpickled; it '
+            'was not executed (only plain state dicts are loaded)')
+
+
 def _read_torch(path: Path, weights_only: bool) -> object:
     try:
         if zipfile.is_zipfile(path):  # torch.save's format: read through a read-only mapping
@@ -53,14 +57,11 @@ def _read_torch(path: Path, weights_only: bool) -> object:
     except mapped_checkpoint.CorruptRecord as e:
         raise CheckpointError(path, str(e)) from None
     except mapped_checkpoint.UnsafePickle:
-        raise CheckpointError(
-            path, 'refused: the file holds Python objects other than tensors, which could run code '
-            'when unpickled; it was not executed (only plain state dicts are loaded)') from None
-    except pickle.UnpicklingError as e:
-        if 'Weights only load failed' in str(e):
-            raise CheckpointError(
-                path, 'refused: the file holds Python objects other than tensors, which could run code '
-                'when unpickled; it was not executed (only plain state dicts are loaded)') from None
+        raise CheckpointError(path, _REFUSED) from None
+    except pickle.UnpicklingError:
+        with open(path, 'rb') as f:
+            if weights_only and mapped_checkpoint.whole_pickles(f, mapped_checkpoint.LEGACY_PICKLES):
+                raise CheckpointError(path, _REFUSED) from None
         raise CheckpointError(path, 'not a PyTorch checkpoint (unreadable pickle data)') from None
     except Exception as e:  # torch raises many types for damaged files (EOFError, IndexError, ...)
         detail = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}' if str(e) else type(e).__name__
@@ -87,7 +88,7 @@ def read_state_dict(path: str | os.PathLike, weights_only: bool = True) -> State
         raise CheckpointError(p, 'holds no tensors')
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(p, f'entries that are not tensors: {_listed(bad)}')
+        raise CheckpointError(p, f'entries that are not tensors: {_key_list(bad)}')
     return sd
 
 
@@ -167,9 +168,9 @@ def check_and_convert(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
     if strict and (missing or unexpected):
         parts = []
         if missing:
-            parts.append(f'{len(missing)} missing key(s): {_listed(missing)}')
+            parts.append(f'{len(missing)} missing key(s): {_key_list(missing)}')
         if unexpected:
-            parts.append(f'{len(unexpected)} unexpected key(s): {_listed(unexpected)}')
+            parts.append(f'{len(unexpected)} unexpected key(s): {_key_list(unexpected)}')
         hint = '' if released or any(k.startswith('visual.trunk.') for k in converted) else \
             ' (this does not look like an EVA-CLIP checkpoint)'
         raise CheckpointError(path, 'does not match the model: ' + '; '.join(parts) + hint)

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CustomTextCLIP
 
-
 _TOKENIZER = open_clip.SimpleTokenizer()
 
 

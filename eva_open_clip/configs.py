@@ -32,26 +32,6 @@ _TEXT_KEYS = {
 _REQUIRED_VISION = ('image_size', 'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size')
 _REQUIRED_TEXT = ('context_length', 'vocab_size', 'width', 'heads', 'layers')
 
-# Image tower architectures that stock timm already names (used when exporting to plain open_clip).
-# Values are the architecture keys of `EvaSpec.timm_kwargs`, with `mlp_hidden` for the MLP width.
-_EVA01 = dict(qkv_bias=True, qkv_fused=True, swiglu_mlp=False, swiglu_align_to=0, scale_mlp=False,
-              scale_attn_inner=False, use_rot_pos_emb=False, ref_feat_shape=None, use_post_norm=False,
-              init_values=None, norm='layernorm', head_bias=True)
-_EVA02 = dict(_EVA01, qkv_fused=False, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
-              use_rot_pos_emb=True, ref_feat_shape=(16, 16))
-STOCK_TIMM_ARCHS: dict[str, dict[str, Any]] = {
-    'eva_giant_patch14_224': dict(_EVA01, img_size=224, patch_size=14, embed_dim=1408, depth=40,
-                                  num_heads=16, mlp_hidden=6144),
-    'eva02_base_patch16_clip_224': dict(_EVA02, img_size=224, patch_size=16, embed_dim=768, depth=12,
-                                        num_heads=12, mlp_hidden=2048),
-    'eva02_large_patch14_clip_224': dict(_EVA02, img_size=224, patch_size=14, embed_dim=1024, depth=24,
-                                         num_heads=16, mlp_hidden=2730),
-    'eva02_large_patch14_clip_336': dict(_EVA02, img_size=336, patch_size=14, embed_dim=1024, depth=24,
-                                         num_heads=16, mlp_hidden=2730),
-    'eva02_enormous_patch14_clip_224': dict(_EVA01, img_size=224, patch_size=14, embed_dim=1792, depth=64,
-                                            num_heads=16, mlp_hidden=15360, use_post_norm=True),
-}
-
 
 class ConfigError(UserError, ValueError):
     """An EVA-CLIP config that cannot be read or represented exactly (found before any work: exit status 2)."""
@@ -72,13 +52,10 @@ class EvaSpec:
         return int(self.timm_kwargs['embed_dim'] * self.timm_kwargs['mlp_ratio'])
 
     def stock_timm_name(self) -> str | None:
-        """The stock timm model name with exactly this image tower architecture, if any."""
-        arch = {k: v for k, v in self.timm_kwargs.items() if k != 'mlp_ratio'}
-        arch['mlp_hidden'] = self.mlp_hidden
-        for name, stock in STOCK_TIMM_ARCHS.items():
-            if arch == stock:
-                return name
-        return None
+        """The stock timm model with exactly this image tower, as open_clip builds it (see `tower.stock_timm_name`)."""
+        from .tower import stock_timm_name
+        return stock_timm_name(self.timm_kwargs, self.open_clip_cfg['embed_dim'],
+                               self.open_clip_cfg['vision_cfg']['timm_pool'])
 
 
 def read_config(config: ConfigLike) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from eva_open_clip.errors import ToolError, UsageError
+from eva_open_clip.errors import ToolError, UsageError, switch
 
 TEMP_SUFFIX = '.tmp'
 
@@ -151,7 +151,7 @@ def remove_temporary_files(folder: Path, targets: re.Pattern) -> None:
 def check_empty(out: Path, force: bool) -> None:
     """Raise OutputExists unless `out` is absent or an empty folder, or `force` allows replacing it."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise OutputExists(f'{out} exists and is not empty (use --force to replace it)')
+        raise OutputExists(f"{out} exists and is not empty (use {switch('force')} to replace it)")
 
 
 def _fsync_tree(folder: Path) -> None:

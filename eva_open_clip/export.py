@@ -17,12 +17,13 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import CheckpointError, check_file, read_state_dict
 from .durable import check_empty, write_atomic, write_folder, write_text
 from .empty_build import meta_model
-from .errors import UsageError
+from .errors import UsageError, param
 from .layout import convert_state_dict
-from .registry import get_eva_model, list_eva_models
+from .loading import check_model
+from .registry import get_eva_model, list_eva_models, require_eva_model
 
 CONFIG_NAME = 'open_clip_config.json'
 WEIGHTS_NAME = 'open_clip_model.safetensors'
@@ -30,9 +31,15 @@ _PRECISION = {torch.float16: 'pure_fp16', torch.bfloat16: 'pure_bf16', torch.flo
 
 
 @functools.lru_cache(maxsize=None)
-def _expected_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+def _shapes_of(name: str, config: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     model = meta_model(name)
     return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+def _expected_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Every tensor's key and shape in the registered model `name` (cached per config: a name may be registered
+    again with another one)."""
+    return _shapes_of(name, json.dumps(get_eva_model(name).spec.original, sort_keys=True))
 
 
 def detect_model(state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -57,14 +64,20 @@ def export_folder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, mod
     existing non-empty `out_dir` is only replaced with `force`; the folder appears complete or not at all.
     """
     out = Path(out_dir)
+    try:
+        check_file(checkpoint)
+    except CheckpointError as e:  # the file to convert is an input: a usage error
+        raise UsageError(e.message) from None
+    if model_name is not None:
+        check_model(model_name)
+        require_eva_model(model_name)
     check_empty(out, force)
     state_dict = read_state_dict(checkpoint)
     name = model_name or detect_model(state_dict)
     if name is None:
-        raise CheckpointError(checkpoint, 'matches no registered EVA model; name one with --model '
+        raise CheckpointError(checkpoint, 'matches no registered EVA model; name one with '
+                                          f"{param('model_name', flag='model')} "
                                           f'(registered: {", ".join(list_eva_models())})')
-    if get_eva_model(name) is None:
-        raise UsageError(f"--model {name}: not an EVA-CLIP model (`eva-open-clip models` lists them)")
     dtype = _dtype_of(state_dict)
     del state_dict
     model = open_clip.create_model(name, pretrained=str(checkpoint), precision=_PRECISION.get(dtype, 'fp32'))

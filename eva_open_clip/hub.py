@@ -10,7 +10,7 @@ from pathlib import Path
 
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
-from .errors import ToolError
+from .errors import ToolError, param
 
 
 def hub_location(model_name: str, tag: str) -> tuple[str, str] | None:
@@ -38,16 +38,17 @@ def ensure_downloaded(model_name: str, tag: str) -> None:
     if location is None or cached_file(model_name, tag) is not None:
         return
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import OfflineModeIsEnabled
     repo, filename = location
     try:
         get_hf_file_metadata(hf_hub_url(repo, filename), timeout=10)  # one request, no retries
     except Exception as e:  # offline mode, no route, DNS, timeout, an HTTP error: all stop here
-        reason = 'HF_HUB_OFFLINE is set' if type(e).__name__ == 'OfflineModeIsEnabled' else \
+        reason = 'HF_HUB_OFFLINE is set' if isinstance(e, OfflineModeIsEnabled) else \
             (str(e).splitlines() or [type(e).__name__])[0][:160]
         answered = getattr(getattr(e, 'response', None), 'status_code', None)
         problem = f'the Hugging Face hub answered {answered}' if answered else 'the Hugging Face hub cannot be reached'
         raise ToolError(
-            f'--pretrained {tag}: {repo}/{filename} is not cached and {problem} ({reason}). Download {filename} '
-            f'where there is network and pass --pretrained /path/to/{filename}; on machines without network '
-            f'set HF_HUB_OFFLINE=1 so that nothing waits for the hub') from None
+            f"{param('pretrained', tag)}: {repo}/{filename} is not cached and {problem} ({reason}). Download "
+            f"{filename} where there is network and pass {param('pretrained', f'/path/to/{filename}')}; on machines "
+            f'without network set HF_HUB_OFFLINE=1 so that nothing waits for the hub') from None
     download_pretrained(get_pretrained_cfg(model_name, tag))  # huggingface_hub shows its progress bar

@@ -1,8 +1,8 @@
 """The one place where eva_open_clip reaches into open_clip's internals.
 
 open_clip has no plugin interface for a model family that needs its own checkpoint layout, so this
-module uses exactly four of its internals, and nothing else in the package touches open_clip's
-private state:
+module uses four of its internals (1-4) and adds stand-ins for two methods older releases lack (5);
+nothing else in the package touches open_clip's private state:
 
 1. `open_clip.factory._MODEL_CONFIGS`: the model-config registry behind `list_models()`,
    `create_model()` and `get_tokenizer()`. `add_model_config()` inserts our translated configs
@@ -16,7 +16,6 @@ private state:
    is told to place it on the meta device; open_clip casts it there to the requested precision, and
    the checkpoint's tensors are then created straight on the requested device in their final dtype.
    Every supported open_clip (2.24 to 3.x) applies device and precision before loading a checkpoint.
-
 5. Methods that older open_clip releases lack, called on EVA models, get a stand-in that names the
    release they need: `CustomTextCLIP.forward_intermediates` (open_clip < 2.32) and
    `TextTransformer.lock`, which `lock_text_tower` calls (open_clip < 3.1).
@@ -24,8 +23,8 @@ private state:
 Which open_clip releases have which features is known in `versions.py`; the wrappers pass open_clip
 only the arguments its installed release knows.
 
-`tests/test_open_clip_seam.py` checks that each of these is still where this module expects it, so an
-open_clip upgrade that moves one fails loudly.
+`tests/plugin/test_open_clip_seam.py` checks that each of these is still where this module expects it, so
+an open_clip upgrade that moves one fails loudly.
 """
 from __future__ import annotations
 
@@ -55,6 +54,12 @@ def has_model_config(name: str) -> bool:
 def add_model_config(name: str, cfg: dict[str, Any]) -> None:
     """Insert an open_clip model config under `name` (kept across open_clip's rescans)."""
     oc_factory._MODEL_CONFIGS[name] = cfg
+
+
+def remove_model(name: str) -> None:
+    """Remove model `name`'s config and pretrained tags from open_clip's registries."""
+    oc_factory._MODEL_CONFIGS.pop(name, None)
+    oc_pretrained._PRETRAINED.pop(name, None)
 
 
 def add_pretrained_tag(name: str, tag: str, hub_file: str) -> None:

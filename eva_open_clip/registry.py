@@ -9,7 +9,8 @@ from typing import Mapping, NamedTuple
 
 from . import open_clip_seam
 from .configs import ConfigError, ConfigLike, EvaSpec, build_spec, parse_config, read_config
-from .tower import register_tower
+from .errors import UsageError, say
+from .tower import register_tower, unregister_tower
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,18 @@ def register_eva_model(name: str, config: ConfigLike, pretrained: Mapping[str, s
     _register_tags(model, tags)
 
 
+def unregister_eva_model(name: str) -> None:
+    """Remove the EVA model `name` registered by `register_eva_model` from open_clip (it may then be registered
+    again, with another config); the released models cannot be removed."""
+    if any(release.name == name for release in BUILTIN_MODELS):
+        raise ConfigError(f"'{name}' is a released EVA-CLIP model: it stays registered")
+    model = _MODELS.pop(name, None)
+    if model is None:
+        raise ConfigError(f"no EVA model named '{name}' is registered")
+    open_clip_seam.remove_model(name)
+    unregister_tower(model.timm_name)
+
+
 def _register_tags(model: EvaModel, tags: Mapping[str, str]) -> None:
     for tag, hub_file in tags.items():
         model.pretrained[tag] = hub_file
@@ -118,6 +131,16 @@ def register_builtin_models() -> None:
 def get_eva_model(name: str) -> EvaModel | None:
     """The registered EVA model called `name`, if any."""
     return _MODELS.get(name)
+
+
+def require_eva_model(name: str) -> EvaModel:
+    """The registered EVA model called `name`; a UsageError for any other name (open_clip's own models too)."""
+    model = _MODELS.get(name)
+    if model is None:
+        where = say(python='eva_open_clip.list_eva_models() lists them',
+                    command_line='`eva-open-clip models` lists them')
+        raise UsageError(f'{name}: not an EVA-CLIP model ({where})')
+    return model
 
 
 def list_eva_models() -> list[str]:

@@ -46,7 +46,7 @@ ONNX_EXPORT_TORCH = (2, 6)
 
 def at_least(installed: Version, version: tuple[int, ...]) -> bool:
     """Whether `installed` is release `version` or later (a pre-release, such as 3.0.0rc1, is not 3.0)."""
-    return installed >= Version(_text(version))
+    return installed >= Version(_version_text(version))
 
 
 def open_clip_at_least(version: tuple[int, ...]) -> bool:
@@ -57,7 +57,7 @@ def timm_at_least(version: tuple[int, ...]) -> bool:
     return at_least(TIMM, version)
 
 
-def _text(version: tuple[int, ...]) -> str:
+def _version_text(version: tuple[int, ...]) -> str:
     return '.'.join(map(str, version))
 
 
@@ -72,20 +72,20 @@ _EVA_ARGS_SINCE = {'swiglu_align_to': (1, 0, 20)}
 def require_open_clip(feature: str, version: tuple[int, ...]) -> None:
     """Raise `UnsupportedVersion` unless the installed open_clip is at least `version`."""
     if not open_clip_at_least(version):
-        raise UnsupportedVersion(f'{feature} needs open_clip_torch >= {_text(version)} '
+        raise UnsupportedVersion(f'{feature} needs open_clip_torch >= {_version_text(version)} '
                                  f'(installed: {OPEN_CLIP_VERSION})')
 
 
 def require_torch(feature: str, version: tuple[int, ...]) -> None:
     """Raise `UnsupportedVersion` unless the installed torch is at least `version`."""
     if not at_least(TORCH, version):
-        raise UnsupportedVersion(f'{feature} needs torch >= {_text(version)} (installed: {TORCH_VERSION})')
+        raise UnsupportedVersion(f'{feature} needs torch >= {_version_text(version)} (installed: {TORCH_VERSION})')
 
 
 def require_timm(feature: str, version: tuple[int, ...]) -> None:
     """Raise `UnsupportedVersion` unless the installed timm is at least `version`."""
     if not timm_at_least(version):
-        raise UnsupportedVersion(f'{feature} needs timm >= {_text(version)} (installed: {TIMM_VERSION})')
+        raise UnsupportedVersion(f'{feature} needs timm >= {_version_text(version)} (installed: {TIMM_VERSION})')
 
 
 def check_create_model_args(known: set[str], arguments: dict[str, Any]) -> None:

@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from support.checkpoints import (G14_VALUES, full_size_checkpoint, golden, manifest, model_name, random_checkpoint,
-                                 released_state_dict)
+from support.checkpoints import (
+    G14_VALUES,
+    full_size_checkpoint,
+    golden,
+    manifest,
+    random_checkpoint,
+    register_reference,
+    released_state_dict,
+)
 
 
 @pytest.fixture(scope='session')
@@ -48,8 +55,9 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp('tiny-cli')
     (folder / 'tiny.json').write_text(json.dumps(golden('tiny_a')['config']))
     torch.save(released_state_dict('tiny_a'), folder / 'tiny.pt')
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name('tiny_a'), pretrained=str(folder / 'tiny.pt'))
-    return folder, model.eval(), preprocess, open_clip.get_tokenizer(model_name('tiny_a'))
+    name = register_reference('tiny_a')
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(folder / 'tiny.pt'))
+    return folder, model.eval(), preprocess, open_clip.get_tokenizer(register_reference('tiny_a'))
 
 
 def pytest_collection_modifyitems(items) -> None:

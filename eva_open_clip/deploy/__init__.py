@@ -3,6 +3,6 @@ for the `tokenizers` library, in the folder layout Immich loads (`eva-open-clip 
 
 Needs the `onnx` extra (`pip install 'eva_open_clip[onnx]'`); nothing here is imported by the plugin.
 """
-from eva_open_clip.deploy.folder import export_onnx, require_onnx
+from eva_open_clip.deploy.folder import check_export, export_onnx, export_released, require_onnx
 
-__all__ = ['export_onnx', 'require_onnx']
+__all__ = ['check_export', 'export_onnx', 'export_released', 'require_onnx']

@@ -20,9 +20,11 @@ import torch
 
 from eva_open_clip.deploy.graphs import PROTOBUF_LIMIT, ImageEncoder, TextEncoder, export_graph, quantize_int8
 from eva_open_clip.deploy.tokenizer import build_tokenizer, tokenizer_config
-from eva_open_clip.durable import write_folder
-from eva_open_clip.errors import UsageError
+from eva_open_clip.durable import check_empty, write_folder
+from eva_open_clip.errors import UsageError, param
 from eva_open_clip.export import model_config
+from eva_open_clip.loading import check_model, load_model, resolve_pretrained
+from eva_open_clip.registry import require_eva_model
 from eva_open_clip.versions import ONNX_EXPORT_TORCH, require_torch
 
 CONFIG = 'config.json'
@@ -42,8 +44,33 @@ def require_onnx() -> None:
     require_torch('export-onnx', ONNX_EXPORT_TORCH)
 
 
-def _json(data: dict) -> str:
+def check_export(out_dir: str | os.PathLike, dtype: str = 'fp32', quantize: str | None = None,
+                 force: bool = False) -> None:
+    """What an export needs, checked before a model is loaded: the quantization, an output folder that may be
+    written, the onnx extra."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise UsageError(f"{param('quantize', quantize)}: choose from {', '.join(QUANTIZATIONS)}")
+    if quantize and dtype != 'fp32':
+        raise UsageError(f"{param('quantize', quantize)} quantizes the fp32 model: drop {param('dtype', dtype)}")
+    check_empty(Path(out_dir), force)
+    require_onnx()
+
+
+def _json_text(data: dict) -> str:
     return json.dumps(data, indent=2) + '\n'
+
+
+def export_released(model_name: str, out_dir: str | os.PathLike, *, pretrained: str | None = None,
+                    dtype: str = 'fp32', quantize: str | None = None, force: bool = False) -> Path:
+    """Write `out_dir` (see the module docstring) for a registered EVA model and a tag or checkpoint file
+    (its hub tag when not given), in `dtype` ('fp32' or 'fp16'); every argument is checked before the
+    model is loaded."""
+    check_model(model_name)
+    require_eva_model(model_name)
+    pretrained = resolve_pretrained(model_name, pretrained)
+    check_export(out_dir, dtype, quantize, force)
+    model, _, _ = load_model(model_name, pretrained, 'cpu', 'fp32' if dtype == 'fp32' else 'pure_fp16')
+    return _write(model, model_name, Path(out_dir), quantize, force, PROTOBUF_LIMIT)
 
 
 def export_onnx(model: torch.nn.Module, model_name: str, out_dir: str | os.PathLike, *,
@@ -56,12 +83,14 @@ def export_onnx(model: torch.nn.Module, model_name: str, out_dir: str | os.PathL
     Weights above `external_data_threshold` bytes go to `model.onnx.data` beside each graph. An existing
     non-empty `out_dir` is replaced only with `force`.
     """
-    require_onnx()
     dtype = next(model.parameters()).dtype
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise UsageError(f"--quantize {quantize}: choose from {', '.join(QUANTIZATIONS)}")
-    if quantize and dtype != torch.float32:
-        raise UsageError(f'--quantize {quantize} quantizes a float32 model: give --dtype fp32')
+    check_export(out_dir, {torch.float32: 'fp32', torch.float16: 'fp16'}.get(dtype, str(dtype)), quantize, force)
+    return _write(model, model_name, Path(out_dir), quantize, force, external_data_threshold)
+
+
+def _write(model: torch.nn.Module, model_name: str, out_dir: Path, quantize: str | None, force: bool,
+           external_data_threshold: int) -> Path:
+    dtype = next(model.parameters()).dtype
     tokenizer = open_clip.get_tokenizer(model_name)
     if not hasattr(tokenizer, 'bpe_ranks'):
         raise UsageError(f"{model_name}'s tokenizer is not open_clip's CLIP tokenizer: export-onnx cannot write it")
@@ -73,16 +102,16 @@ def export_onnx(model: torch.nn.Module, model_name: str, out_dir: str | os.PathL
     exported = f'float32.{MODEL}' if quantize else MODEL  # quantized from a float32 graph beside it
 
     def fill(out: Path) -> None:
-        (out / CONFIG).write_text(_json(config), encoding='utf-8')
+        (out / CONFIG).write_text(_json_text(config), encoding='utf-8')
         for part in (VISUAL, TEXTUAL):
             (out / part).mkdir()
         export_graph(ImageEncoder(model, dtype), torch.zeros(2, 3, height, width), 'image', 'image_embedding',
                      out / VISUAL / exported, external_data_threshold)
-        (out / VISUAL / PREPROCESS).write_text(_json(preprocess), encoding='utf-8')
+        (out / VISUAL / PREPROCESS).write_text(_json_text(preprocess), encoding='utf-8')
         export_graph(TextEncoder(model), tokenizer(['a photo', 'a diagram']).int(), 'text', 'text_embedding',
                      out / TEXTUAL / exported, external_data_threshold)
         build_tokenizer(tokenizer, context_length).save(str(out / TEXTUAL / TOKENIZER))
-        (out / TEXTUAL / TOKENIZER_CONFIG).write_text(_json(tokenizer_config(context_length)), encoding='utf-8')
+        (out / TEXTUAL / TOKENIZER_CONFIG).write_text(_json_text(tokenizer_config(context_length)), encoding='utf-8')
         if quantize:
             for part in (VISUAL, TEXTUAL):
                 source = out / part / exported
@@ -90,4 +119,4 @@ def export_onnx(model: torch.nn.Module, model_name: str, out_dir: str | os.PathL
                 for leftover in (source, source.with_name(source.name + '.data')):
                     leftover.unlink(missing_ok=True)
 
-    return write_folder(Path(out_dir), fill, force)
+    return write_folder(out_dir, fill, force)

@@ -29,12 +29,12 @@ class PixelLimits:
     def check(self, width: int, height: int) -> None:
         if width * height > self.decoded:
             raise ImageRefused(Reason.IMAGE_TOO_LARGE,
-                               f'{width}x{height} pixels, over --max-image-pixels {self.decoded}')
+                               f'{width}x{height} pixels, over the limit of {self.decoded} (max_image_pixels)')
         short, long = sorted((width, height))
         if short and self.side * round(self.side * long / short) > self.resized:
             resized = round(self.side * long / short)
             raise ImageRefused(Reason.IMAGE_TOO_LARGE, f'{width}x{height} resizes to {self.side}x{resized}, '
-                                                       f'over --max-resized-pixels {self.resized}')
+                                                       f'over the limit of {self.resized} (max_resized_pixels)')
 
 
 class ImageRefused(ValueError):

@@ -8,7 +8,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from eva_open_clip.errors import ToolError
+from eva_open_clip.errors import ToolError, param
 
 
 class Encoder:
@@ -19,7 +19,8 @@ class Encoder:
         self.device = device
         self.input_dtype = open_clip.get_input_dtype(precision)
         amp = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}.get(precision)
-        self._autocast = (lambda: torch.autocast(torch.device(device).type, dtype=amp)) if amp else contextlib.nullcontext
+        self._autocast = (lambda: torch.autocast(torch.device(device).type, dtype=amp)) if amp else \
+            contextlib.nullcontext
 
     @property
     def device_type(self) -> str:
@@ -44,8 +45,9 @@ class Encoder:
         try:
             yield
         except torch.cuda.OutOfMemoryError:
-            raise ToolError(f'{self.device} ran out of memory on a batch of {batch}: give a smaller --batch-size '
-                            f'(an output folder resumes where it stopped), or --precision bf16') from None
+            raise ToolError(f"{self.device} ran out of memory on a batch of {batch}: give a smaller "
+                            f"{param('batch_size')} (an output folder resumes where it stopped), or "
+                            f"{param('precision', 'bf16')}") from None
 
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.encode_pixels(torch.stack([self.preprocess(image) for image in images]))
@@ -55,3 +57,16 @@ class Encoder:
 
     def logit_scale(self) -> float:
         return self.model.logit_scale.detach().exp().item()
+
+
+def load_encoder(model_name: str, pretrained: str | None, device: str | None, precision: str) -> Encoder:
+    """The encoder of a registered model and a tag or file (see `loading.load_model`), on `device` (the default
+    device when None)."""
+    from eva_open_clip.embed.cpu_memory import keep_freed_memory
+    from eva_open_clip.embed.devices import default_device
+    from eva_open_clip.loading import load_model
+    device = device or default_device()
+    model, preprocess, tokenizer = load_model(model_name, pretrained, device, precision)
+    if device == 'cpu':
+        keep_freed_memory()
+    return Encoder(model, preprocess, tokenizer, device, precision)

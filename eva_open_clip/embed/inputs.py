@@ -18,15 +18,10 @@ from typing import Iterable, Iterator, Sequence
 
 from braceexpand import braceexpand
 
-from eva_open_clip.errors import UsageError
-
+from eva_open_clip.errors import UsageError, param
 
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
-
-
 SHARD_SUFFIXES = ('.tar', '.tar.gz', '.tgz')
-
-
 
 
 class InputError(UsageError):
@@ -133,19 +128,19 @@ def _folder(path: str) -> Iterator[Source]:
                          f'and no shard ({", ".join(SHARD_SUFFIXES)})')
 
 
-def _listed(files_from: str) -> Iterator[Source]:
+def _files_from(files_from: str) -> Iterator[Source]:
     """The files of a --files-from list: one path per line, in any bytes (a final \\r is dropped)."""
     try:
         with open(files_from, 'rb') as f:
             lines = f.read().split(b'\n')
     except OSError as e:
-        raise InputError(f'--files-from {files_from}: {e.strerror or e}') from None
+        raise InputError(f"{param('files_from', files_from)}: {e.strerror or e}") from None
     for number, line in enumerate(lines, 1):
         path = os.fsdecode(line[:-1] if line.endswith(b'\r') else line)
         if os.path.isdir(path):
             yield from _folder(path)
         elif path.strip():
-            yield _stat(path, f' (line {number} of --files-from {files_from})')
+            yield _stat(path, f" (line {number} of {param('files_from', files_from)})")
 
 
 def input_sources(inputs: Sequence[str], files_from: str | None) -> Iterator[Source]:
@@ -173,7 +168,7 @@ def input_sources(inputs: Sequence[str], files_from: str | None) -> Iterator[Sou
         else:
             raise InputError(f'{arg}: no such file or folder')
     if files_from:
-        yield from _listed(files_from)
+        yield from _files_from(files_from)
 
 
 @dataclass

@@ -11,18 +11,18 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
-from eva_open_clip.embed.defaults import IMAGE_KEYS
 from eva_open_clip.embed.decode import ImageRefused, PixelLimits, caption_text, open_image
-from eva_open_clip.embed.skips import Reason, Sample, Skip
-from eva_open_clip.embed.samples import unit_samples
-from eva_open_clip.errors import ToolError, UsageError
+from eva_open_clip.embed.defaults import IMAGE_KEYS
 from eva_open_clip.embed.ranks import Ranks
+from eva_open_clip.embed.samples import unit_samples
+from eva_open_clip.embed.skips import Reason, Sample, Skip
 from eva_open_clip.embed.units import Unit
+from eva_open_clip.errors import ToolError, UsageError, param
 
 _WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
 
@@ -52,6 +52,17 @@ class Batch:
         return self
 
 
+@dataclass
+class Prepared:
+    """A sample ready for the model: its key, preprocessed pixels, caption and its tokens, json fields."""
+
+    key: str
+    pixels: torch.Tensor
+    caption: str | None
+    tokens: torch.Tensor | None
+    meta: dict | None
+
+
 class UnitDataset(torch.utils.data.IterableDataset):
     """The batches of `units`, each unit read whole by one DataLoader worker (units dealt out in turn).
 
@@ -71,15 +82,14 @@ class UnitDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         return self.units if info is None else self.units[info.id::info.num_workers]
 
-    def _batch(self, unit: Unit, samples: list[tuple[str, torch.Tensor, Any, Any, Any]], skipped: list[Skip],
-               end: bool, started: float) -> Batch:
-        keys, pixels, captions, tokens, metas = (list(c) for c in zip(*samples)) if samples else tuple([] for _ in range(5))
-        with_captions = self.caption_key is not None
-        return Batch(unit.index, keys, torch.stack(pixels) if pixels else None,
-                     torch.cat(tokens) if self.tokenizer is not None and tokens else None,
-                     captions if with_captions else None, metas, skipped, end, time.thread_time() - started)
+    def _batch(self, unit: Unit, samples: list[Prepared], skipped: list[Skip], end: bool, started: float) -> Batch:
+        return Batch(unit.index, [s.key for s in samples],
+                     torch.stack([s.pixels for s in samples]) if samples else None,
+                     torch.cat([s.tokens for s in samples]) if self.tokenizer is not None and samples else None,
+                     [s.caption for s in samples] if self.caption_key is not None else None,
+                     [s.meta for s in samples], skipped, end, time.thread_time() - started)
 
-    def _prepared(self, item: Sample) -> tuple[str, torch.Tensor, Any, Any, Any] | Skip:
+    def _prepared(self, item: Sample) -> Prepared | Skip:
         caption = tokens = None
         if self.caption_key:
             caption = caption_text(item.caption)
@@ -93,9 +103,9 @@ class UnitDataset(torch.utils.data.IterableDataset):
             return Skip(item.key, e.reason, str(e))
         except Exception as e:  # PIL raises many types for damaged or non-image data
             return Skip(item.key, Reason.UNDECODABLE_IMAGE, type(e).__name__)
-        return item.key, pixels, caption, tokens, item.meta
+        return Prepared(item.key, pixels, caption, tokens, item.meta)
 
-    def _samples(self, unit: Unit) -> Iterator[tuple[str, torch.Tensor, Any, Any, Any] | Skip]:
+    def _samples(self, unit: Unit) -> Iterator[Prepared | Skip]:
         for item in unit_samples(unit.shard, unit.files, self.image_keys, self.caption_key):
             if isinstance(item, Skip):
                 yield item
@@ -108,7 +118,7 @@ class UnitDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         started = time.thread_time()  # this thread's CPU time, restarted after each batch is taken
         for unit in self._worker_units():
-            samples: list = []
+            samples: list[Prepared] = []
             skipped: list[Skip] = []
             for prepared in self._samples(unit):
                 if isinstance(prepared, Skip):
@@ -180,7 +190,8 @@ def shm_prefetch(workers: int, batch_bytes: int, shm: str = SHM) -> int:
     if fits < 1:
         raise UsageError(f'{shm} has {mb} free, too little for {workers} decoding worker(s) handing over batches of '
                          f'{batch_bytes / 2 ** 20:.0f} MB: give the container more shared memory (e.g. docker run '
-                         f'--shm-size 8g), or lower --batch-size or --workers (--workers 0 decodes in this process)')
+                         f"--shm-size 8g), or lower {param('batch_size')} or {param('workers')} "
+                         f"({param('workers', 0)} decodes in this process)")
     print(f'note: {shm} has {mb} free: each decoding worker keeps {fits} batch(es) ready instead of {PREFETCH} '
           f'(more shared memory, e.g. docker run --shm-size 8g, lets them keep {PREFETCH})', file=sys.stderr)
     return fits
@@ -190,7 +201,7 @@ class DecodedBatches:
     """The dataset's batches through a DataLoader with `workers` decoding processes, timing the waits.
 
     `waited` is how long the consumer waited for decoded batches after the first one (which includes the
-    workers' start-up): near zero when the model is the bottleneck, and the cue to raise --workers when
+    workers' start-up): near zero when the model is the bottleneck, and the cue to raise the workers when
     not. Workers are started by a fork server rather than forked from this process, which holds the model
     (a fork would share its pages copy-on-write and make the model's memory writes fault); under torchrun
     they are plain forks, as a fork server hung there with torch 2.1.
@@ -225,8 +236,8 @@ class DecodedBatches:
                 asked = time.perf_counter()
                 try:
                     batch = next(data, None)
-                except RuntimeError as e:
-                    if 'timed out' not in str(e):
+                except RuntimeError:  # the DataLoader's own timeout, or a worker's error re-raised
+                    if not self.workers or time.perf_counter() - asked < self.STALLED_S:
                         raise
                     raise ToolError(f'no decoded batch came for {self.STALLED_S} s (a stalled read of a shard?); '
                                     f'run the same command to resume') from None

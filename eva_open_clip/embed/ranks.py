@@ -1,10 +1,14 @@
 """This process's place in a torchrun job (or srun with torchrun's environment), read from the environment
-in one place: rank 0 of 1 without one."""
+in one place: rank 0 of 1 without one; and the job's process group, started and stopped with it."""
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+START_TIMEOUT_S = 'EVA_OPEN_CLIP_START_TIMEOUT_S'  # how long ranks wait for rank 0 to list the inputs
 
 
 @dataclass(frozen=True)
@@ -29,3 +33,27 @@ class Ranks:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    @contextlib.contextmanager
+    def process_group(self, device: str | None) -> Iterator[str | None]:
+        """This rank's device (see `devices.rank_device`), inside torch.distributed's process group of the job
+        (NCCL on GPUs, else gloo), destroyed on the way out; alone, `device` as it is and no group."""
+        if self.world_size == 1:
+            yield device
+            return
+        import torch
+        import torch.distributed as dist
+
+        from eva_open_clip.embed.devices import check_device, rank_device
+        device = rank_device(device, self.local_rank, self.local_world_size, torch.cuda.is_available())
+        check_device(device)
+        cuda = bool(device and device.startswith('cuda'))
+        if cuda:
+            torch.cuda.set_device(device)
+        # the only collective waits for rank 0 to list the inputs, which may take a while on a slow file system
+        timeout = datetime.timedelta(seconds=float(os.environ.get(START_TIMEOUT_S, 3600)))
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=timeout)
+        try:
+            yield device
+        finally:
+            dist.destroy_process_group()

@@ -8,13 +8,13 @@ from typing import Any, Iterator, Sequence
 from eva_open_clip.embed.defaults import IMAGE_KEYS
 from eva_open_clip.embed.skips import Reason, Sample, Skip
 from eva_open_clip.embed.store import metadata
-from eva_open_clip.embed.tar import MAX_MEMBER_BYTES, TOO_LARGE, _tar_members
+from eva_open_clip.embed.tar import MAX_MEMBER_BYTES, TOO_LARGE, tar_members
 
 
 def _tar_samples(shard: str, image_keys: Sequence[str], caption_key: str | None) -> Iterator[Sample | Skip]:
     """The samples of a shard: consecutive members with one key (webdataset's rule), in order."""
     members: dict[str, Any] = {}
-    for item in _tar_members(shard):
+    for item in tar_members(shard):
         if isinstance(item, Skip):
             if item.key is not None and members.get('__key__') == item.key:
                 members = {}  # the sample the damage cut into

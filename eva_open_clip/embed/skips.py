@@ -25,7 +25,6 @@ class Reason(str, Enum):
     __format__ = str.__format__
 
 
-
 UNREADABLE = Reason.UNREADABLE_SHARD
 
 

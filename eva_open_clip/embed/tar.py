@@ -18,7 +18,6 @@ from webdataset.tariterators import base_plus_ext
 from eva_open_clip.embed.inputs import is_url
 from eva_open_clip.embed.skips import UNREADABLE, Reason, Skip
 
-
 MAX_MEMBER_BYTES = 1 << 30  # a larger member is not read: its sample is a `member_too_large` skip
 
 
@@ -69,7 +68,7 @@ def _open_shard(shard: str) -> Iterator[BinaryIO]:
         stream.close()
 
 
-def _tar_members(shard: str) -> Iterator[tuple[str, str, bytes] | Skip]:
+def tar_members(shard: str) -> Iterator[tuple[str, str, bytes] | Skip]:
     """(sample key, extension, data) of each member of a shard in order, then a `Skip` if it is damaged.
 
     A member cut short is not yielded: the Skip carries its sample's key, and that sample is lost. A
@@ -156,6 +155,7 @@ def _cut_short(stream: _CountedStream, offset: int, last: str | None) -> Skip:
         key = base_plus_ext(name)[0]
         return Skip(key, Reason.DAMAGED_TAR, f'the shard ends inside the header of member {name}')
     last_key = base_plus_ext(last)[0] if last else None
-    if header and last_key and ((last_key + '.').startswith(name) or name.startswith(last_key + '.')):  # a name cut short: maybe the last sample's
+    # a name cut short: maybe the last sample's
+    if header and last_key and ((last_key + '.').startswith(name) or name.startswith(last_key + '.')):
         return Skip(last_key, Reason.DAMAGED_TAR, f'the shard ends inside the header of a member after {last}')
     return Skip(None, Reason.DAMAGED_TAR, f'no end-of-archive marker after member {last} (cut short?)')

@@ -12,15 +12,14 @@ name. A damaged or missing `units.jsonl` is rebuilt from the done records.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from eva_open_clip.embed.inputs import Duplicates, InputError, Source, input_sources, unique_sources
-from eva_open_clip.durable import write_text
 from eva_open_clip.embed.store.paths import UNITS_FILE
-
+from eva_open_clip.embed.store.unit_list import read_unit_list, write_unit_list
+from eva_open_clip.errors import param
 
 
 @dataclass(frozen=True)
@@ -46,12 +45,13 @@ class Unit:
     def identity(self) -> list[dict]:
         return [s.identity() for s in self.sources]
 
-    def record(self) -> str:
-        return json.dumps(dict(unit=self.index, sources=self.identity()))
+    def entry(self) -> dict:
+        """The unit as units.jsonl and its record hold it."""
+        return dict(unit=self.index, sources=self.identity())
 
     @staticmethod
-    def from_record(record: dict) -> 'Unit':
-        return Unit(int(record['unit']), tuple(Source.from_identity(s) for s in record['sources']))
+    def from_entry(entry: dict) -> 'Unit':
+        return Unit(int(entry['unit']), tuple(Source.from_identity(s) for s in entry['sources']))
 
 
 def group_units(sources: Iterable[Source], part_size: int, start: int = 0) -> list[Unit]:
@@ -84,13 +84,9 @@ def list_units(inputs: Sequence[str], files_from: str | None, part_size: int) ->
 
 def read_units(out: Path) -> list[Unit] | None:
     """The units recorded in DIR/units.jsonl ([] when there is none), or None when it is damaged."""
-    path = out / UNITS_FILE
+    entries = read_unit_list(out)
     try:
-        text = path.read_text(encoding='utf-8')
-    except FileNotFoundError:
-        return []
-    try:
-        return [Unit.from_record(json.loads(line)) for line in text.splitlines() if line]
+        return None if entries is None else [Unit.from_entry(entry) for entry in entries]
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -120,18 +116,20 @@ def plan_units(out: Path, inputs: Sequence[str], files_from: str | None, part_si
     current, duplicates = unique_sources(input_sources(inputs, files_from))
     recorded, listed, note = _recorded(out, done)
     now = {s.real: s for s in current}
-    remedy = f'restore it, or embed into a new --out folder (the inputs of {out} are listed in {out / UNITS_FILE})'
+    remedy = (f'restore it, or embed into a new {param("out")} folder (the inputs of {out} are listed in '
+              f'{out / UNITS_FILE})')
     for source in (s for unit in recorded for s in unit.sources):
         found = now.get(source.real)
         if found is None:
             raise InputError(f'{source.path}: embedded into {out} before, but no longer among the inputs; {remedy}')
         if (found.size, found.mtime_ns) != (source.size, source.mtime_ns):
             was = ', '.join(f'{k} {a} then, {b} now' for k, a, b in
-                            (('size', source.size, found.size), ('mtime_ns', source.mtime_ns, found.mtime_ns)) if a != b)
+                            (('size', source.size, found.size), ('mtime_ns', source.mtime_ns, found.mtime_ns))
+                            if a != b)
             raise InputError(f'{source.path}: changed since it was listed for {out} ({was}); {remedy}')
     known = {s.real for unit in recorded for s in unit.sources}
     added = [s for s in current if s.real not in known]
     units = recorded + group_units(added, part_size, start=recorded[-1].index + 1 if recorded else 0)
     if units != listed:
-        write_text(out / UNITS_FILE, ''.join(unit.record() + '\n' for unit in units))
+        write_unit_list(out, [unit.entry() for unit in units])
     return units, duplicates, note

@@ -11,14 +11,15 @@ import open_clip
 import pytest
 import torch
 
-from support.checkpoints import REFERENCE_CASES, golden, model_name, rel_err, released_state_dict
+from support.checkpoints import REFERENCE_CASES, golden, register_reference, rel_err, released_state_dict
 from support.cli import main_here
 from support.onnx import CORPUS, HAS_ONNX, ids, immich_tokenizer, needs_export, session
 
 pytestmark = pytest.mark.xdist_group('onnx')  # one worker builds the module's exports
 
+
 def _model(case: str, precision: str = 'fp32'):
-    name = model_name(case)
+    name = register_reference(case)
     model = open_clip.create_model(name, precision=precision)
     from eva_open_clip import convert_state_dict
     model.load_state_dict(convert_state_dict(released_state_dict(case)))
@@ -42,7 +43,7 @@ def e02_command(tmp_path) -> list:
     name of its architecture (another name for the same architecture would be a second fit for its keys)."""
     (tmp_path / 'e02.json').write_text(json.dumps(golden('e02_tiny_a')['config']))
     torch.save(released_state_dict('e02_tiny_a'), tmp_path / 'e02.pt')
-    name = model_name('e02_tiny_a')
+    name = register_reference('e02_tiny_a')
     return ['export-onnx', name, '--register', f'{name}={tmp_path / "e02.json"}']
 
 
@@ -61,7 +62,7 @@ def test_fp32_matches_open_clip(exported, case, batch):
     texts = CORPUS[2 + batch:2 + 2 * batch]
     with torch.no_grad():
         want_image = model.encode_image(images, normalize=True)
-        want_text = model.encode_text(open_clip.get_tokenizer(model_name(case))(texts), normalize=True)
+        want_text = model.encode_text(open_clip.get_tokenizer(register_reference(case))(texts), normalize=True)
     image = session(folder / 'visual' / 'model.onnx').run(None, {'image': images.numpy()})[0]
     text = session(folder / 'textual' / 'model.onnx').run(
         None, {'text': ids(immich_tokenizer(folder), texts)})[0]
@@ -87,7 +88,7 @@ def test_onnx_gives_the_original_implementations_features(exported, case):
 def test_tokenizer_file_gives_open_clipids(exported):
     """Every text of the corpus: open_clip's ids up to its last <end_of_text>, then <end_of_text> padding."""
     folder, _ = exported['e02_tiny_a']
-    want = open_clip.get_tokenizer(model_name('e02_tiny_a'))(CORPUS).numpy()
+    want = open_clip.get_tokenizer(register_reference('e02_tiny_a'))(CORPUS).numpy()
     got = ids(immich_tokenizer(folder), CORPUS)
     eot = 49407
     assert got.shape == want.shape == (len(CORPUS), 77)
@@ -102,7 +103,7 @@ def test_tokenizer_file_gives_open_clipids(exported):
 def test_end_of_text_padding_gives_open_clips_embedding(exported):
     """open_clip pads with 0, the file with <end_of_text>: the embeddings of the two agree."""
     folder, model = exported['e02_tiny_a']
-    tokens = open_clip.get_tokenizer(model_name('e02_tiny_a'))(CORPUS[:9])
+    tokens = open_clip.get_tokenizer(register_reference('e02_tiny_a'))(CORPUS[:9])
     padded = ids(immich_tokenizer(folder), CORPUS[:9])
     assert (tokens.numpy() != padded).any()
     with torch.no_grad():
@@ -122,7 +123,7 @@ def test_immich_layout(exported):
         'config.json', 'textual/model.onnx', 'textual/tokenizer.json', 'textual/tokenizer_config.json',
         'visual/model.onnx', 'visual/preprocess_cfg.json']
     config = json.loads((folder / 'config.json').read_text())
-    assert config == json.loads(json.dumps(open_clip.get_model_config(model_name('e02_tiny_a'))))
+    assert config == json.loads(json.dumps(open_clip.get_model_config(register_reference('e02_tiny_a'))))
     assert config['text_cfg']['context_length'] == 77
     preprocess = json.loads((folder / 'visual' / 'preprocess_cfg.json').read_text())
     assert preprocess == json.loads(json.dumps(dict(model.visual.preprocess_cfg)))
@@ -142,6 +143,7 @@ def test_immich_layout(exported):
 @needs_export
 def test_graphs_pass_the_checker_and_hold_no_rejected_op(exported):
     import onnx
+
     from eva_open_clip.deploy.graphs import FORBIDDEN_OPS, OPSET, op_counts
     for case, (folder, _) in exported.items():
         for part in ('visual', 'textual'):

@@ -18,13 +18,18 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_open_clip.errors import ToolError
 from eva_open_clip.embed.loader import Batch, DecodedBatches, UnitDataset
 from eva_open_clip.embed.units import list_units
+from eva_open_clip.errors import ToolError
 from support.checkpoints import DATA
 from support.cli import TORCHRUN
-from support.embed import TINY, add_member as _add, api_features as _api_features, png as _png, read_folder as _read, \
-    run_embed as _embed, same_output as _same_output
+from support.embed import TINY
+from support.embed import add_member as _add
+from support.embed import api_features as _api_features
+from support.embed import png as _png
+from support.embed import read_folder as _read
+from support.embed import run_embed as _embed
+from support.embed import same_output as _same_output
 
 SHARDS, PER_SHARD = 5, 60
 
@@ -235,7 +240,8 @@ def test_changed_settings_are_refused(dataset, tiny, tmp_path):
     result = _embed(tiny, root / 'shard-00001.tar', '--part-size', '25', out=out)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         f'eva-open-clip embed: {root / "shard-00000.tar"}: embedded into {out} before, but no longer among the '
-        f'inputs; restore it, or embed into a new --out folder (the inputs of {out} are listed in {out / "units.jsonl"})')
+        f'inputs; restore it, or embed into a new --out folder (the inputs of {out} are listed in '
+        f'{out / "units.jsonl"})')
 
 
 def test_torchrun_two_ranks_equal_one_process(dataset, tiny, tmp_path):

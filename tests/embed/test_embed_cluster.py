@@ -21,7 +21,6 @@ from support.cli import COMMANDS, TORCHRUN, run_cli
 from support.embed import add_member, embed_command, png, read_folder, run_embed, same_output, same_rows
 
 
-
 def _shards(root: Path, sizes: list[int], slow: tuple[int, ...] = ()) -> str:
     """Shards of `sizes` PNGs; those of the shards in `slow` are 4000x4000 (about 0.25 s each to decode)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -143,7 +142,8 @@ def test_npy_output_under_torchrun_is_refused(tiny, tmp_path):
     pattern = _shards(tmp_path / 'shards', [2])
     result = run_embed(tiny, pattern, out=tmp_path / 'x.npy', launcher=TORCHRUN)
     assert result.returncode != 0
-    assert 'eva-open-clip embed: --out FILE.npy is written by one process: under torchrun give --out DIR' in result.stderr
+    assert ('eva-open-clip embed: --out FILE.npy is written by one process: under torchrun give --out DIR'
+            in result.stderr)
 
 
 def test_progress_in_a_job_log_is_plain_lines(tiny, tmp_path):
@@ -200,8 +200,10 @@ def test_remote_shards_through_webdataset_urls(tiny, tmp_path, http_server):
         shutil.copy(tmp_path / 'shards' / f'c-{s}.tar', served / f'c-{s}.tar')
     (served / 'c-2.tgz').write_bytes(gzip.compress((served / 'c-2.tar').read_bytes()))
     inputs = {  # the arguments, and the units they are listed as (a remote shard is known by its URL)
-        'http': ([f'{base}/c-{{0..1}}.tar', f'{base}/c-2.tgz'], [f'{base}/c-0.tar', f'{base}/c-1.tar', f'{base}/c-2.tgz']),
-        'pipe': ([f'pipe:cat {tmp_path}/shards/c-{{0..2}}.tar'], [f'pipe:cat {tmp_path}/shards/c-{s}.tar' for s in range(3)]),
+        'http': ([f'{base}/c-{{0..1}}.tar', f'{base}/c-2.tgz'],
+                 [f'{base}/c-0.tar', f'{base}/c-1.tar', f'{base}/c-2.tgz']),
+        'pipe': ([f'pipe:cat {tmp_path}/shards/c-{{0..2}}.tar'],
+                 [f'pipe:cat {tmp_path}/shards/c-{s}.tar' for s in range(3)]),
     }
     for name, (urls, listed) in inputs.items():
         out = tmp_path / name
@@ -265,7 +267,7 @@ def test_small_shared_memory_lowers_the_prefetch_or_says_what_to_do(tiny, tmp_pa
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank():
-    from eva_open_clip.cli.checks import rank_device
+    from eva_open_clip.embed.devices import rank_device
     from eva_open_clip.errors import UsageError
     assert [rank_device('cuda', r, 8, cuda=True) for r in (0, 5)] == ['cuda:0', 'cuda:5']
     assert rank_device(None, 3, 8, cuda=True) == 'cuda:3' and rank_device(None, 3, 8, cuda=False) is None

@@ -19,11 +19,21 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from support.cli import COMMANDS
-from support.embed import (TINY, add_member, api_features, embed_here, no_strays, png, read_folder, run_embed, same_output,
-                         same_rows)
-from eva_open_clip.embed.store.paths import part_name, sortable_number
 from eva_open_clip.embed.store.names import name_text, original_name
+from eva_open_clip.embed.store.paths import part_name, sortable_number
+from support.cli import COMMANDS, error_line
+from support.embed import (
+    TINY,
+    add_member,
+    api_features,
+    embed_here,
+    no_strays,
+    png,
+    read_folder,
+    run_embed,
+    same_output,
+    same_rows,
+)
 
 LATIN1_NAME = os.fsdecode(b'caf\xe9')  # a name in Latin-1 bytes, not valid UTF-8
 
@@ -32,12 +42,6 @@ def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr, result.stderr[-3000:]
     return result
-
-
-def _one_line_error(result: subprocess.CompletedProcess, code: int) -> str:
-    assert result.returncode == code, result.stderr[-3000:]
-    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-    return result.stderr.strip().splitlines()[-1]
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -93,7 +97,8 @@ def test_every_bad_sample_is_a_row_or_a_skip(tiny, tmp_path):
 
     # every field is kept: renamed past the fixed columns, surrogates as U+FFFD, nested as JSON text
     k1 = rows['k1']
-    assert k1['caption'] == 'a caption of k1' and rows[latin1]['caption'] == 'a caption of ca' and k1['t'] == '\ufffd' and k1['json.caption'] == 'c1'
+    assert k1['caption'] == 'a caption of k1' and rows[latin1]['caption'] == 'a caption of ca'
+    assert k1['t'] == '\ufffd' and k1['json.caption'] == 'c1'
     assert k1['json.similarity'] == 2 and k1['json.image_path'] == 'x' and k1['json.json.caption'] == 'y'
     assert json.loads(k1['nested']) == {'\ufffd': ['\U0001F600', 1]}
     assert rows['k0']['t'] == 'ok' and rows[latin1]['n'] == 3
@@ -131,8 +136,9 @@ def test_npy_names_of_any_bytes_one_line_each(tiny, tmp_path):
 def test_npy_killed_between_its_two_renames_never_pairs_other_rows(tiny, tmp_path, monkeypatch):
     """The journal commits FILE.npy and FILE.paths.txt together: after a kill, no FILE.npy stands beside
     the other run's paths, and the next run completes the commit."""
-    from eva_open_clip.embed.store import npy_file as npy_output
     from eva_open_clip.embed.encoder import Encoder
+    from eva_open_clip.embed.npy_job import embed_to_npy
+    from eva_open_clip.embed.store import npy_file as npy_output
     _, model, preprocess, tokenizer = tiny
     encoder = Encoder(model, preprocess, tokenizer, 'cpu', 'fp32')
     folder = tmp_path / 'imgs'
@@ -140,7 +146,7 @@ def test_npy_killed_between_its_two_renames_never_pairs_other_rows(tiny, tmp_pat
     for i in range(3):
         (folder / f'{i}.png').write_bytes(png(i, 3))
     out = tmp_path / 'emb.npy'
-    npy_output.embed_to_npy(lambda: encoder, [str(folder / '0.png')], out)
+    embed_to_npy(lambda: encoder, [str(folder / '0.png')], out)
     for i in range(3, 40):
         (folder / f'{i:02d}.png').write_bytes(png(i, 3))
     real_replace, calls = os.replace, []
@@ -156,10 +162,10 @@ def test_npy_killed_between_its_two_renames_never_pairs_other_rows(tiny, tmp_pat
 
     monkeypatch.setattr(npy_output.os, 'replace', replace_then_die)
     with pytest.raises(Killed):
-        npy_output.embed_to_npy(lambda: encoder, [str(folder)], out)
+        embed_to_npy(lambda: encoder, [str(folder)], out)
     monkeypatch.undo()
     assert not out.exists() and len(out.with_name('emb.paths.txt').read_text().splitlines()) == 40
-    npy_output.embed_to_npy(lambda: encoder, [str(folder / '0.png')], out)  # completes the commit, then its own job
+    embed_to_npy(lambda: encoder, [str(folder / '0.png')], out)  # completes the commit, then its own job
     assert len(np.load(out)) == 1 and out.with_name('emb.paths.txt').read_text() == f'{folder / "0.png"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.emb.npy.lock', 'emb.npy', 'emb.paths.txt', 'imgs']
 
@@ -172,7 +178,7 @@ def test_a_folder_of_the_users_is_refused_and_left_as_it_is(tiny, tmp_path):
     before = _files(out)
     image = tmp_path / 'a.png'
     image.write_bytes(png(0, 0))
-    line = _one_line_error(embed_here(tiny, image, '--workers', '0', out=out), 2)
+    line = error_line(embed_here(tiny, image, '--workers', '0', out=out), 2)
     assert line == (f'eva-open-clip embed: {out} is not empty and is not an output folder of eva-open-clip embed '
                     f'(no embed.json); give a new or empty folder (nothing in {out} was changed)')
     assert _files(out) == before and sorted(os.listdir(out)) == ['.notes.tmp', 'metadata']
@@ -249,7 +255,8 @@ def test_damaged_or_lost_bookkeeping_is_rebuilt(tiny, tmp_path):
     settings = (out / 'embed.json').read_text()
     (out / 'embed.json').write_text(settings[:len(settings) // 2])  # cut short
     result = _ok(embed_here(tiny, *args, out=out))
-    assert f'note: {out / "units.jsonl"} was damaged; rebuilt from the records of the 4 finished unit(s)' in result.stderr
+    assert (f'note: {out / "units.jsonl"} was damaged; rebuilt from the records of the 4 finished unit(s)'
+            in result.stderr)
     assert f'note: {out / "embed.json"} was damaged or missing; rebuilt' in result.stderr
     assert 'this run: 0 samples' in result.stderr
     same_output(reference, out)
@@ -272,20 +279,20 @@ def test_first_finished_unit_fixes_the_settings(tiny, tmp_path):
     out = tmp_path / 'out'
     typo = str(tiny[0] / 'tiny.ptt')  # a usage error: found before the folder is touched
     result = embed_here(tiny, image, '--workers', '0', out=out, pretrained=typo)
-    assert _one_line_error(result, 2) == (f'eva-open-clip embed: --pretrained {typo}: no such file, nor a pretrained '
+    assert error_line(result, 2) == (f'eva-open-clip embed: --pretrained {typo}: no such file, nor a pretrained '
                                           f'tag of {TINY} (it has no pretrained tags)')
     assert not out.exists()
     damaged = tmp_path / 'damaged.pt'  # found only when the model is loaded, after the folder was prepared
     damaged.write_bytes(b'not a checkpoint')
     result = embed_here(tiny, image, '--workers', '0', out=out, pretrained=str(damaged))
-    assert _one_line_error(result, 1).startswith(f'eva-open-clip embed: {damaged}: ')
+    assert error_line(result, 1).startswith(f'eva-open-clip embed: {damaged}: ')
     assert (out / 'embed.json').exists()
     result = _ok(embed_here(tiny, image, '--workers', '0', out=out))  # the corrected command takes the folder
     assert 'note: no unit of' in result.stderr
     reference = tmp_path / 'reference'
     _ok(embed_here(tiny, image, '--workers', '0', out=reference))
     same_output(reference, out)
-    line = _one_line_error(embed_here(tiny, image, '--workers', '0', '--part-size', '7', out=out), 2)
+    line = error_line(embed_here(tiny, image, '--workers', '0', '--part-size', '7', out=out), 2)
     assert 'holds the output of another embedding run (part_size: 100000 there, 7 now)' in line
     # the batch size decides no row: a smaller one resumes (after an out-of-memory failure, say)
     (tmp_path / 'b.png').write_bytes(png(1, 0))
@@ -323,11 +330,12 @@ def test_input_problems_name_the_input(tiny, tmp_path):
     (images / 'up').symlink_to(images)  # a folder that contains itself: walked once
     (images / 'loop.png').symlink_to(images / 'loop.png')
     out = tmp_path / 'out'
-    line = _one_line_error(embed_here(tiny, images, '--workers', '0', out=out), 2)
-    assert line == f'eva-open-clip embed: {images / "loop.png"}: Too many levels of symbolic links (in the input folder {images})'
+    line = error_line(embed_here(tiny, images, '--workers', '0', out=out), 2)
+    assert line == (f'eva-open-clip embed: {images / "loop.png"}: Too many levels of symbolic links '
+                    f'(in the input folder {images})')
     (images / 'loop.png').unlink()
     (images / 'gone.png').symlink_to(tmp_path / 'nothing.png')
-    line = _one_line_error(embed_here(tiny, images, '--workers', '0', out=out), 2)
+    line = error_line(embed_here(tiny, images, '--workers', '0', out=out), 2)
     assert line == f'eva-open-clip embed: {images / "gone.png"}: no such file (in the input folder {images})'
     (images / 'gone.png').unlink()
     _ok(embed_here(tiny, images, '--workers', '0', out=out))
@@ -346,7 +354,7 @@ def test_an_unreadable_input_subfolder_is_named(tiny, tmp_path):
                            launcher=(*drop, *COMMANDS['module']))
     finally:
         (images / 'locked').chmod(0o755)
-    line = _one_line_error(result, 2)
+    line = error_line(result, 2)
     assert line == f'eva-open-clip embed: {images / "locked"}: Permission denied (in the input folder {images})'
 
 
@@ -379,11 +387,12 @@ def test_folders_of_shards_and_images(tiny, tmp_path):
     (shards / 'pic.png').write_bytes(png(5, 5))
     mixed = tmp_path / 'mixed'
     _ok(embed_here(tiny, shards, '--workers', '0', out=mixed))
-    assert sorted(read_folder(mixed)) == sorted([str(shards / 'pic.png')] + [f's{s}k{i}' for s in range(2) for i in range(3)])
+    assert sorted(read_folder(mixed)) == sorted([str(shards / 'pic.png')]
+                                                + [f's{s}k{i}' for s in range(2) for i in range(3)])
     empty = tmp_path / 'empty'
     (empty / 'notes').mkdir(parents=True)
     (empty / 'notes' / 'a.txt').write_text('x')
-    line = _one_line_error(embed_here(tiny, empty, '--workers', '0', out=tmp_path / 'o'), 2)
+    line = error_line(embed_here(tiny, empty, '--workers', '0', out=tmp_path / 'o'), 2)
     assert line.startswith(f'eva-open-clip embed: {empty}: the folder holds no image file (.bmp, ')
 
 
@@ -400,5 +409,5 @@ def test_lists_in_any_bytes(tiny, tmp_path):
     assert np.allclose(np.load(out), api_features(tiny, [Image.open(image)])[0], atol=1e-6)
     texts = tmp_path / 'texts.txt'
     texts.write_bytes(b'a dog\ncaf\xe9\n')
-    line = _one_line_error(embed_here(tiny, '--text-file', texts, out=out), 2)
+    line = error_line(embed_here(tiny, '--text-file', texts, out=out), 2)
     assert line == f'eva-open-clip embed: --text-file {texts}: line 2 is not UTF-8 text'

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_open_clip.embed.store.npy_file import embed_to_npy
+from eva_open_clip.embed.npy_job import embed_to_npy
 from support.checkpoints import DATA
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from eva_open_clip.embed.inputs import InputError, Source
-from eva_open_clip.embed.skips import Sample, Skip
 from eva_open_clip.embed.samples import unit_samples
+from eva_open_clip.embed.skips import Sample, Skip
 from eva_open_clip.embed.units import group_units, plan_units
 
 MEMBERS = [('a.jpg', b'A'), ('a.txt', b'cap a'), ('a.json', b'{"n": 1}'), ('__index__', b'webdataset: no sample'),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_open_clip.cli.classify import BUNDLED_IMAGE
+from eva_open_clip.classify import BUNDLED_IMAGE
 from support.checkpoints import DATA
 from support.cli import run_cli
 

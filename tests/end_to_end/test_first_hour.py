@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 import eva_open_clip
-from eva_open_clip.cli.classify import BUNDLED_IMAGE
+from eva_open_clip.classify import BUNDLED_IMAGE
 from eva_open_clip.embed.progress import Progress
 from eva_open_clip.registry import BUILTIN_MODELS
-from support.checkpoints import DATA, golden, model_name, released_state_dict
-from support.cli import main_here, run_cli
+from support.checkpoints import DATA, golden, register_reference, released_state_dict
+from support.cli import main_here, only_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,16 +34,6 @@ def run_here(*args) -> tuple[int, str, str]:
     """(exit status, standard output, standard error) of `eva-open-clip ARGS`, run in this process."""
     result = main_here(*args)
     return result.returncode, result.stdout, result.stderr
-
-
-def one_line(code: int, result: subprocess.CompletedProcess) -> str:
-    """The one line on standard error of a command that exited with `code`."""
-    got, err = result.returncode, result.stderr
-    assert got == code, err[-3000:]
-    assert 'Traceback' not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture(scope='module')
@@ -66,18 +56,19 @@ def tiny_args(files: Path, pretrained: str | None = None) -> list[str]:
 # 1. every mistake is one line, never a traceback
 
 def test_missing_labels_file(files):
-    line = one_line(2, main_here('classify', files / 'x.png', '--labels-file', files / 'nofile.txt', *tiny_args(files)))
+    result = main_here('classify', files / 'x.png', '--labels-file', files / 'nofile.txt', *tiny_args(files))
+    line = only_line(result, 2)
     assert line == f'eva-open-clip classify: --labels-file {files / "nofile.txt"}: No such file or directory'
 
 
 def test_register_of_a_missing_config(files):
-    line = one_line(2, main_here('run', '--register', f't={files / "nofile.json"}', '-m', 'json.tool'))
+    line = only_line(main_here('run', '--register', f't={files / "nofile.json"}', '-m', 'json.tool'), 2)
     assert line == f'eva-open-clip run: {files / "nofile.json"}: No such file or directory'
-    line = one_line(2, main_here('run', '--register', 'no-equals-sign', '-m', 'json.tool'))
+    line = only_line(main_here('run', '--register', 'no-equals-sign', '-m', 'json.tool'), 2)
     assert line == "eva-open-clip run: --register takes NAME=CONFIG.json, got 'no-equals-sign'"
-    assert one_line(2, main_here('run', '-m', 'no_such_module_here')) == \
+    assert only_line(main_here('run', '-m', 'no_such_module_here'), 2) == \
         'eva-open-clip run: -m no_such_module_here: no module of that name is installed in this environment'
-    assert one_line(2, main_here('run')).startswith('eva-open-clip run: give -m MODULE or a SCRIPT to run')
+    assert only_line(main_here('run'), 2).startswith('eva-open-clip run: give -m MODULE or a SCRIPT to run')
 
 
 @pytest.mark.parametrize('content,problem', [
@@ -94,20 +85,20 @@ def test_convert_with_a_bad_config(files, tmp_path, content, problem):
         content = json.dumps(cfg)
     if content is not None:
         config.write_text(content)
-    line = one_line(2, main_here('convert', files / 'tiny_a.pt', tmp_path / 'out', '--model', 'fh_custom',
-                            '--config', config))
+    line = only_line(main_here('convert', files / 'tiny_a.pt', tmp_path / 'out', '--model', 'fh_custom',
+                            '--config', config), 2)
     assert line.startswith(f'eva-open-clip convert: {config}: {problem}'), line
     assert not (tmp_path / 'out').exists()
 
 
 def test_convert_of_a_missing_checkpoint(tmp_path):
-    line = one_line(2, main_here('convert', tmp_path / 'eva_clip_psz14.pt', tmp_path / 'out'))
+    line = only_line(main_here('convert', tmp_path / 'eva_clip_psz14.pt', tmp_path / 'out'), 2)
     assert line == f'eva-open-clip convert: {tmp_path / "eva_clip_psz14.pt"}: no such file'
     assert not (tmp_path / 'out').exists()
 
 
 def test_convert_config_needs_a_model_name(files, tmp_path):
-    line = one_line(2, main_here('convert', files / 'tiny_a.pt', tmp_path / 'out', '--config', files / 'tiny_a.json'))
+    line = only_line(main_here('convert', files / 'tiny_a.pt', tmp_path / 'out', '--config', files / 'tiny_a.json'), 2)
     assert line == 'eva-open-clip convert: --config needs --model NAME to register it under'
 
 
@@ -126,26 +117,26 @@ def test_a_device_torch_cannot_use_here(files, device, problem):
         if torch.cuda.is_available():
             problem = f'this machine has {torch.cuda.device_count()} CUDA GPU(s)'
     args = tiny_args(files, str(files / 'broken.pt'))[:-1] + [device]
-    line = one_line(2, main_here('classify', files / 'x.png', *args))
+    line = only_line(main_here('classify', files / 'x.png', *args), 2)
     assert line.startswith(f'eva-open-clip classify: --device {device}: {problem}'), line
 
 
 def test_a_file_of_another_architecture_names_both(files, b16_checkpoint):
     """open_clip's own EVA02-B-16 (timm's re-converted weights) given a released file: open_clip's
     AssertionError becomes one line naming the file, the model, and the model the file fits."""
-    line = one_line(1, main_here('classify', files / 'x.png', '--model', 'EVA02-B-16', '--pretrained', b16_checkpoint,
-                                 '--device', 'cpu'))
+    line = only_line(main_here('classify', files / 'x.png', '--model', 'EVA02-B-16', '--pretrained', b16_checkpoint,
+                                 '--device', 'cpu'), 1)
     assert line.startswith(f'eva-open-clip classify: --pretrained {b16_checkpoint} does not fit --model EVA02-B-16 (')
     assert line.endswith('; its keys and shapes are those of EVA02-CLIP-B-16: give --model EVA02-CLIP-B-16')
-    fits = model_name('e02_tiny_a')  # a registered custom architecture is named too
-    line = one_line(1, main_here('classify', files / 'x.png', '--model', 'EVA02-B-16',
-                                 '--pretrained', files / 'e02_tiny_a.pt', '--device', 'cpu'))
+    fits = register_reference('e02_tiny_a')  # a registered custom architecture is named too
+    line = only_line(main_here('classify', files / 'x.png', '--model', 'EVA02-B-16',
+                                 '--pretrained', files / 'e02_tiny_a.pt', '--device', 'cpu'), 1)
     assert line.endswith(f'; its keys and shapes are those of {fits}: give --model {fits}')
     odd = released_state_dict('e02_tiny_a')
     odd['visual.extra.weight'] = torch.zeros(2)  # fits no registered model
     torch.save(odd, files / 'odd.pt')
-    line = one_line(1, main_here('classify', files / 'x.png', '--model', 'EVA02-B-16',
-                                 '--pretrained', files / 'odd.pt', '--device', 'cpu'))
+    line = only_line(main_here('classify', files / 'x.png', '--model', 'EVA02-B-16',
+                                 '--pretrained', files / 'odd.pt', '--device', 'cpu'), 1)
     assert line.endswith('give the --model it was made for (a custom architecture: --register NAME=CONFIG.json '
                          '--model NAME)')
 
@@ -154,38 +145,38 @@ def test_inputs_are_checked_before_the_model_is_loaded(files, tmp_path):
     """The checkpoint given is damaged: each mistake below is found first, with nothing written."""
     broken = tiny_args(files, str(files / 'broken.pt'))
     out = tmp_path / 'out.npy'
-    line = one_line(2, main_here('embed', '--text-file', tmp_path / 'nope.txt', '--out', out, *broken))
+    line = only_line(main_here('embed', '--text-file', tmp_path / 'nope.txt', '--out', out, *broken), 2)
     assert line == f'eva-open-clip embed: --text-file {tmp_path / "nope.txt"}: No such file or directory'
-    line = one_line(2, main_here('embed', tmp_path / 'missing.png', '--out', out, *broken))
+    line = only_line(main_here('embed', tmp_path / 'missing.png', '--out', out, *broken), 2)
     assert str(tmp_path / 'missing.png') in line
-    line = one_line(2, main_here('classify', tmp_path / 'missing.png', *broken))
+    line = only_line(main_here('classify', tmp_path / 'missing.png', *broken), 2)
     assert str(tmp_path / 'missing.png') in line
     (tmp_path / 'a.tar').write_bytes(b'')
-    line = one_line(2, main_here('classify', tmp_path / 'a.tar', *broken))
+    line = only_line(main_here('classify', tmp_path / 'a.tar', *broken), 2)
     assert line.endswith('a.tar is a tar shard: classify takes image files and folders of them '
                          '(`eva-open-clip embed` reads shards)')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.out.npy.lock', 'a.tar']  # no output, no scratch
     # and the damaged checkpoint itself is a failure during the run, named
-    assert one_line(1, main_here('classify', files / 'x.png', *broken)).startswith(
+    assert only_line(main_here('classify', files / 'x.png', *broken), 1).startswith(
         f'eva-open-clip classify: {files / "broken.pt"}: ')
 
 
 # 2. exit statuses: usage errors before loading are 2; nothing to show is 1
 
 def test_unknown_model_suggests_the_closest(files):
-    line = one_line(2, main_here('classify', '--model', 'EVA02-CLIP-B16'))
+    line = only_line(main_here('classify', '--model', 'EVA02-CLIP-B16'), 2)
     assert line.startswith("eva-open-clip classify: --model EVA02-CLIP-B16: no such model; did you mean "
                            "'EVA02-CLIP-B-16'")
     assert '`eva-open-clip models` lists the EVA-CLIP models' in line
-    line = one_line(2, main_here('embed', files / 'x.png', '--out', files / 'o.npy', '--model', 'zzqx'))
+    line = only_line(main_here('embed', files / 'x.png', '--out', files / 'o.npy', '--model', 'zzqx'), 2)
     assert line == ('eva-open-clip embed: --model zzqx: no such model (`eva-open-clip models` lists the EVA-CLIP '
                     'models; a custom config: --register zzqx=CONFIG.json)')
 
 
 @pytest.mark.parametrize('template', ['a photo', 'a {0} and {1}', 'a {label}', 'a {'])
 def test_bad_template_is_a_usage_error(files, template):
-    line = one_line(2, main_here('classify', files / 'x.png', '--template', template,
-                            *tiny_args(files, str(files / 'broken.pt'))))
+    line = only_line(main_here('classify', files / 'x.png', '--template', template,
+                            *tiny_args(files, str(files / 'broken.pt'))), 2)
     assert line.startswith(f"eva-open-clip classify: --template {template!r}: write '{{}}' where the label goes")
 
 
@@ -237,7 +228,7 @@ def test_models_lists_names_tags_files_and_the_cache(files, tmp_path):
         assert rows[release.name] == dict(model=release.name, tag=release.tag, params=release.params,
                                           hub_file=release.hub_file, file_size=release.file_size,
                                           cached=str(cached) if release.name == 'EVA02-CLIP-B-16' else None)
-    n = sum(p.numel() for p in open_clip.create_model(model_name('tiny_a')).parameters())
+    n = sum(p.numel() for p in open_clip.create_model(register_reference('tiny_a')).parameters())
     assert rows['test-tiny_a'] == dict(model='test-tiny_a', tag=None, params=f'{n / 1e6:.3g}M', hub_file=None,
                                    file_size=None, cached=None)
     table = run_cli('models', env=env)
@@ -262,7 +253,7 @@ def test_a_misspelled_tag_from_python_lists_the_tags():
     assert str(error.value) == ("merged2b_s8b: no such file, nor a pretrained tag of EVA02-CLIP-B-16 (its tags: "
                                 "merged2b_s8b_b131k); did you mean 'merged2b_s8b_b131k'?")
     assert isinstance(error.value, eva_open_clip.CheckpointError)
-    line = one_line(2, main_here('classify', '--model', 'EVA02-CLIP-B-16', '--pretrained', 'laion2b'))
+    line = only_line(main_here('classify', '--model', 'EVA02-CLIP-B-16', '--pretrained', 'laion2b'), 2)
     assert line == ('eva-open-clip classify: --pretrained laion2b: no such file, nor a pretrained tag of '
                     'EVA02-CLIP-B-16 (its tags: merged2b_s8b_b131k)')
 
@@ -317,8 +308,8 @@ def test_usage_errors_import_no_tool_module(tmp_path):
         '        except SystemExit:\n'
         '            pass\n'
         'heavy = ("pyarrow", "webdataset", "eva_open_clip.embed.inputs", "eva_open_clip.embed.loader",\n'
-        '         "eva_open_clip.embed.store.folder", "eva_open_clip.embed.store.npy_file", "eva_open_clip.cli.loading",\n'
-        '         "eva_open_clip.cli.classify", "eva_open_clip.embed.job", "eva_open_clip.embed.encoder")\n'
+        '         "eva_open_clip.embed.store.folder", "eva_open_clip.embed.store.npy_file",\n'
+        '         "eva_open_clip.embed.folder_job", "eva_open_clip.embed.npy_job", "eva_open_clip.embed.encoder")\n'
         'print(sorted(m for m in heavy if m in sys.modules))\n')
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env=dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache')))
@@ -409,7 +400,7 @@ def test_the_readme_open_clip_example_runs_as_pasted(b16_checkpoint):
 # more of the first hour: a file taken for a label, Ctrl-C, a GPU out of memory
 
 def test_an_image_after_labels_is_not_taken_for_a_label(files):
-    line = one_line(2, main_here('classify', '--labels', 'a cat', 'a dog', files / 'x.png', *tiny_args(files)))
+    line = only_line(main_here('classify', '--labels', 'a cat', 'a dog', files / 'x.png', *tiny_args(files)), 2)
     assert line == (f'eva-open-clip classify: --labels took {files / "x.png"}, a file, for a label: give the images '
                     f'before --labels (classify {files / "x.png"} --labels ...)')
 
@@ -441,13 +432,15 @@ class _OutOfMemory(torch.nn.Module):
 
 
 def test_a_gpu_out_of_memory_says_to_lower_the_batch_size(tmp_path):
-    from eva_open_clip.errors import ToolError
     from eva_open_clip.embed.encoder import Encoder
+    from eva_open_clip.errors import COMMAND_LINE, ToolError
     encoder = Encoder(_OutOfMemory(), None, None, 'cpu', 'fp32')
     with pytest.raises(ToolError) as error:
         encoder.encode_pixels(torch.zeros(64, 3, 8, 8))
-    assert str(error.value) == ('cpu ran out of memory on a batch of 64: give a smaller --batch-size (an output '
-                                'folder resumes where it stopped), or --precision bf16')
+    assert error.value.spelled(COMMAND_LINE) == ('cpu ran out of memory on a batch of 64: give a smaller --batch-size '
+                                                 '(an output folder resumes where it stopped), or --precision bf16')
+    assert str(error.value) == ('cpu ran out of memory on a batch of 64: give a smaller batch_size (an output folder '
+                                'resumes where it stopped), or precision=bf16')  # a Python caller's terms
 
 
 # 8. no more decoding workers than units
@@ -471,7 +464,7 @@ class _CountingWorkers:
 
 
 def test_no_more_workers_than_units(tmp_path):
-    from eva_open_clip.embed.store.npy_file import embed_to_npy
+    from eva_open_clip.embed.npy_job import embed_to_npy
     encoder = _CountingWorkers()
     rows, skipped = embed_to_npy(lambda: encoder, [str(DATA / 'images' / 'palette_120.png')], tmp_path / 'one.npy',
                                  workers=8)

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from eva_open_clip import versions
+from support.checkpoints import golden, needs_trainer, released_state_dict
 from support.cli import run_cli
-from support.checkpoints import golden, released_state_dict
 
 TRAIN = ['-m', versions.TRAINER_MODULE, '--dataset-type', 'synthetic', '--epochs', '1', '--workers', '0',
-         *(['--device', 'cpu'] if versions.open_clip_at_least((2, 29)) else []), '--lr', '1e-3', '--warmup', '1', '--zeroshot-frequency', '0', '--seed', '0',
+         *(['--device', 'cpu'] if versions.open_clip_at_least((2, 29)) else []), '--lr', '1e-3', '--warmup', '1',
+         '--zeroshot-frequency', '0', '--seed', '0',
          '--precision', 'fp32']
+pytestmark = needs_trainer()
 
 
 def _run(*args, cwd, launcher=None, timeout=900):
@@ -46,7 +48,8 @@ def test_trainer_on_a_tiny_model_updates_every_tower(tiny_files):
     # written by the trainer just now (open_clip < 2.29 stores numpy scalars beside the weights)
     trained = torch.load(tiny_files / 'logs' / 'tiny' / 'checkpoints' / 'epoch_1.pt', weights_only=False)['state_dict']
     before = released_state_dict('tiny_a')
-    assert not torch.equal(trained['visual.trunk.blocks.0.attn.qkv.weight'], before['visual.blocks.0.attn.qkv.weight'].float())
+    assert not torch.equal(trained['visual.trunk.blocks.0.attn.qkv.weight'],
+                           before['visual.blocks.0.attn.qkv.weight'].float())
     assert not torch.equal(trained['text.transformer.resblocks.0.attn.in_proj_weight'],
                            before['text.transformer.resblocks.0.attn.in_proj_weight'].float())
 

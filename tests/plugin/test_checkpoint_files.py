@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from eva_open_clip.checkpoint import CheckpointError, read_state_dict
-from support.checkpoints import model_name, released_state_dict
+from support.checkpoints import register_reference, released_state_dict
 
 
 class _Unseekable(io.RawIOBase):
@@ -78,8 +78,8 @@ def test_every_layout_torch_reads_loads_the_same(layout, tmp_path):
         assert value.dtype == by_torch[key].dtype and torch.equal(value, by_torch[key]), key
     reference = tmp_path / 'reference.pt'
     torch.save(released, reference)
-    model = open_clip.create_model(model_name('tiny_a'), pretrained=str(path))
-    expected = open_clip.create_model(model_name('tiny_a'), pretrained=str(reference)).state_dict()
+    model = open_clip.create_model(register_reference('tiny_a'), pretrained=str(path))
+    expected = open_clip.create_model(register_reference('tiny_a'), pretrained=str(reference)).state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]), key
 
@@ -92,7 +92,7 @@ def test_a_checksum_mismatch_is_corruption_named_by_record(tmp_path):
     data[at + 1] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError) as error:
-        open_clip.create_model(model_name('tiny_a'), pretrained=str(path))
+        open_clip.create_model(register_reference('tiny_a'), pretrained=str(path))
     assert str(error.value) == (f'{path}: record checkpoint/data.pkl is corrupted '
                                 '(its CRC-32 does not match its data)')
 
@@ -114,17 +114,17 @@ def test_non_strict_load_reports_what_it_skipped_as_open_clip_does(tmp_path):
     # a released EVA file: the same, in the open_clip model's key names
     path = tmp_path / 'eva.pt'
     torch.save(_drop_one_and_add_one(released_state_dict('tiny_a'), 'visual.patch_embed.proj.bias'), path)
-    model = open_clip.create_model(model_name('tiny_a'))
+    model = open_clip.create_model(register_reference('tiny_a'))
     before = model.visual.trunk.patch_embed.proj.bias.detach().clone()
     result = open_clip.load_checkpoint(model, str(path), strict=False)
     assert type(result) is type(stock_result)
     assert (result.missing_keys, result.unexpected_keys) == (['visual.trunk.patch_embed.proj.bias'], ['extra.weight'])
     assert torch.equal(model.visual.trunk.patch_embed.proj.bias, before)  # left as it was, as load_state_dict does
-    full = open_clip.create_model(model_name('tiny_a'))
+    full = open_clip.create_model(register_reference('tiny_a'))
     torch.save(released_state_dict('tiny_a'), tmp_path / 'full.pt')
     assert open_clip.load_checkpoint(full, str(tmp_path / 'full.pt'), strict=False) == result.__class__([], [])
     for key, value in model.state_dict().items():  # everything else was loaded
         if key != 'visual.trunk.patch_embed.proj.bias':
             assert torch.equal(value, full.state_dict()[key]), key
     with pytest.raises(CheckpointError, match="1 missing key.*'visual.patch_embed.proj.bias'"):
-        open_clip.load_checkpoint(open_clip.create_model(model_name('tiny_a')), str(path))
+        open_clip.load_checkpoint(open_clip.create_model(register_reference('tiny_a')), str(path))

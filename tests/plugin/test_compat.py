@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import eva_open_clip.compat as clip
-from eva_open_clip.cli.classify import BUNDLED_IMAGE
-from support.checkpoints import golden, model_name, rel_err
+from eva_open_clip.classify import BUNDLED_IMAGE
+from support.checkpoints import golden, register_reference, rel_err
 
 EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
 # stands in for torchvision's CIFAR100 download: 100 class names, and image 3637 in memory
@@ -40,7 +40,8 @@ def test_tokenize_is_the_original():
 
 
 def test_model_call_returns_the_original_logits(tiny_checkpoint):
-    model, preprocess = clip.build_eva_model_and_transforms(model_name('tiny_a'), pretrained=str(tiny_checkpoint))
+    name = register_reference('tiny_a')
+    model, preprocess = clip.build_eva_model_and_transforms(name, pretrained=str(tiny_checkpoint))
     g = golden('tiny_a')
     with torch.no_grad():
         logits_per_image, logits_per_text = model.eval()(g['pixels'], g['tokens'])
@@ -52,7 +53,7 @@ def test_model_call_returns_the_original_logits(tiny_checkpoint):
     assert torch.allclose(logits_per_image, expected, atol=1e-3)
     assert torch.equal(logits_per_text, logits_per_image.T)
     assert isinstance(model, open_clip.CustomTextCLIP)  # still an open_clip model in every other respect
-    assert set(model.state_dict()) == set(open_clip.create_model(model_name('tiny_a')).state_dict())
+    assert set(model.state_dict()) == set(open_clip.create_model(register_reference('tiny_a')).state_dict())
 
 
 def _run_example(name, tmp_path, substitutions):
@@ -77,9 +78,10 @@ def _eval_mode_features(checkpoint, images, texts):
 
 
 def test_original_factories_return_eval_mode(tiny_checkpoint):
-    model, _ = clip.build_eva_model_and_transforms(model_name('tiny_a'), pretrained=str(tiny_checkpoint))
+    model, _ = clip.build_eva_model_and_transforms(register_reference('tiny_a'), pretrained=str(tiny_checkpoint))
     assert not model.training and not any(m.training for m in model.modules())
-    assert open_clip.create_model(model_name('tiny_a'), pretrained=str(tiny_checkpoint)).training  # open_clip's own
+    name = register_reference('tiny_a')
+    assert open_clip.create_model(name, pretrained=str(tiny_checkpoint)).training  # open_clip's own
 
 
 @pytest.mark.full_size

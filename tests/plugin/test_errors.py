@@ -7,17 +7,18 @@ import open_clip
 import pytest
 import torch
 
-from support.checkpoints import golden, model_name, rel_err, released_state_dict
+from eva_open_clip import CheckpointError
+from support.checkpoints import golden, register_reference, rel_err, released_state_dict
 
 MAX_MESSAGE = 2000
 
 
 def _load(path):
-    return open_clip.create_model_and_transforms(model_name('tiny_a'), pretrained=str(path))
+    return open_clip.create_model_and_transforms(register_reference('tiny_a'), pretrained=str(path))
 
 
 def _error(path) -> str:
-    with pytest.raises(Exception) as info:
+    with pytest.raises(CheckpointError) as info:
         _load(path)
     message = str(info.value)
     assert len(message) < MAX_MESSAGE
@@ -104,8 +105,8 @@ def test_missing_keys_are_named_in_the_eva02_layout(tmp_path):
     sd = released_state_dict('e02_tiny_a')
     del sd['visual.blocks.0.mlp.w3.weight'], sd['visual.blocks.1.attn.q_bias'], sd['visual.blocks.0.mlp.ffn_ln.bias']
     path = _saved(tmp_path, sd)
-    with pytest.raises(Exception) as info:
-        open_clip.create_model(model_name('e02_tiny_a'), pretrained=str(path))
+    with pytest.raises(CheckpointError) as info:
+        open_clip.create_model(register_reference('e02_tiny_a'), pretrained=str(path))
     message = str(info.value)
     for key in ('visual.blocks.0.mlp.w3.weight', 'visual.blocks.1.attn.q_bias', 'visual.blocks.0.mlp.ffn_ln.bias'):
         assert key in message

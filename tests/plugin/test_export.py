@@ -14,13 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import eva_open_clip.export as export
+from support.checkpoints import DATA, golden, needs_open_clip, register_reference, rel_err
 from support.cli import run_cli
-from support.checkpoints import DATA, golden, model_name, needs_open_clip, rel_err
 
 
 @needs_open_clip((3, 0), "'local-dir:' loading")
 def test_export_tiny_and_load_it_as_a_local_dir(tmp_path, tiny_checkpoint):
-    out = export.export_folder(tiny_checkpoint, tmp_path / 'out', model_name=model_name('tiny_a'))
+    out = export.export_folder(tiny_checkpoint, tmp_path / 'out', model_name=register_reference('tiny_a'))
     assert sorted(p.name for p in out.iterdir()) == ['open_clip_config.json', 'open_clip_model.safetensors']
     config = json.loads((out / 'open_clip_config.json').read_text())
     assert set(config) == {'model_cfg', 'preprocess_cfg'}
@@ -36,7 +36,7 @@ def test_export_tiny_and_load_it_as_a_local_dir(tmp_path, tiny_checkpoint):
 
 
 def test_export_detects_the_model_from_the_keys(tmp_path, tiny_checkpoint):
-    name = model_name('tiny_a')
+    name = register_reference('tiny_a')
     state_dict = torch.load(tiny_checkpoint, weights_only=True)
     assert export.detect_model(state_dict) == name
     export.export_folder(tiny_checkpoint, tmp_path / 'out')
@@ -48,10 +48,10 @@ def test_refuses_a_non_empty_folder_unless_forced(tmp_path, tiny_checkpoint):
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'keep.txt').write_text('mine')
-    with pytest.raises(FileExistsError, match='--force'):
-        export.export_folder(tiny_checkpoint, out, model_name=model_name('tiny_a'))
+    with pytest.raises(FileExistsError, match='force=True'):
+        export.export_folder(tiny_checkpoint, out, model_name=register_reference('tiny_a'))
     assert (out / 'keep.txt').read_text() == 'mine'
-    export.export_folder(tiny_checkpoint, out, model_name=model_name('tiny_a'), force=True)
+    export.export_folder(tiny_checkpoint, out, model_name=register_reference('tiny_a'), force=True)
     assert sorted(p.name for p in out.iterdir()) == ['open_clip_config.json', 'open_clip_model.safetensors']
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out']  # no staging folders left
 
@@ -62,7 +62,7 @@ def test_interrupted_export_leaves_no_folder(tmp_path, tiny_checkpoint, monkeypa
 
     monkeypatch.setattr(export, 'save_file', interrupted)
     with pytest.raises(KeyboardInterrupt):
-        export.export_folder(tiny_checkpoint, tmp_path / 'out', model_name=model_name('tiny_a'))
+        export.export_folder(tiny_checkpoint, tmp_path / 'out', model_name=register_reference('tiny_a'))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -112,7 +112,8 @@ def test_g14_export_loads_in_plain_open_clip(tmp_path, g14_checkpoint):
         assert 'eva_open_clip' not in sys.modules
         image, text = torch.load({str(tmp_path / 'reference.pt')!r})
         with torch.no_grad():
-            assert torch.equal(model.eval().encode_image(preprocess(Image.open({str(image_path)!r})).unsqueeze(0)), image)
+            pixels = preprocess(Image.open({str(image_path)!r})).unsqueeze(0)
+            assert torch.equal(model.eval().encode_image(pixels), image)
             assert torch.equal(model.encode_text(tokenizer(['a palette'])), text)
         print('identical')
     ''')

@@ -11,8 +11,17 @@ from PIL import Image
 import eva_open_clip
 from eva_open_clip.empty_build import empty_build, meta_model
 from eva_open_clip.registry import BUILTIN_MODELS, model_configs_dir
-from support.checkpoints import (DATA, full_size_checkpoint, eva_clip_rope_tables, golden, manifest, model_name, needs_open_clip, rel_err,
-                      released_state_dict)
+from support.checkpoints import (
+    DATA,
+    eva_clip_rope_tables,
+    full_size_checkpoint,
+    golden,
+    manifest,
+    needs_open_clip,
+    register_reference,
+    rel_err,
+    released_state_dict,
+)
 
 FAMILY = [r.name for r in BUILTIN_MODELS]
 # parity bounds of the acceptance tests: EVA02 files store fp16 rotary tables, timm computes them in fp32
@@ -29,7 +38,7 @@ def _features(model, case):
 def _load(case, sd, tmp_path, name='ckpt.pt'):
     path = tmp_path / name
     torch.save(sd, path)
-    return open_clip.create_model(model_name(case), pretrained=str(path))
+    return open_clip.create_model(register_reference(case), pretrained=str(path))
 
 
 @pytest.mark.parametrize('case', ['e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a'])
@@ -56,10 +65,10 @@ def test_parity_with_eva_clip_code(case, variant, tmp_path):
 
 def test_eva02_preprocessing_and_tokens():
     g = golden('e02_tiny_a')
-    _, _, preprocess = open_clip.create_model_and_transforms(model_name('e02_tiny_a'))
+    _, _, preprocess = open_clip.create_model_and_transforms(register_reference('e02_tiny_a'))
     pixels = torch.stack([preprocess(Image.open(DATA / 'images' / n)) for n in g['image_names']])
     assert (pixels - g['pixels']).abs().max() < 1e-5
-    assert torch.equal(open_clip.get_tokenizer(model_name('e02_tiny_a'))(g['captions']), g['tokens'])
+    assert torch.equal(open_clip.get_tokenizer(register_reference('e02_tiny_a'))(g['captions']), g['tokens'])
 
 
 def test_rotary_formula_matches_the_released_tables():
@@ -112,19 +121,22 @@ def test_full_size_eva02_loads_and_encodes(name, tmp_path):
     torch.save(sd, path)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
     trunk = model.visual.trunk
-    assert torch.equal(trunk.blocks[-1].mlp.fc1_g.weight, sd[f'visual.blocks.{len(trunk.blocks) - 1}.mlp.w1.weight'].float())
+    last = len(trunk.blocks) - 1
+    assert torch.equal(trunk.blocks[-1].mlp.fc1_g.weight, sd[f'visual.blocks.{last}.mlp.w1.weight'].float())
     assert torch.equal(trunk.blocks[0].attn.q_proj.bias, sd['visual.blocks.0.attn.q_bias'].float())
     image = preprocess(Image.open(DATA / 'images' / 'gradient_rgb_300x200.png')).unsqueeze(0)
     with torch.no_grad():
         features = model.eval().encode_image(image)
         text = model.encode_text(open_clip.get_tokenizer(name)(['a gradient']))
     assert torch.isfinite(features).all() and torch.isfinite(text).all()
-    assert features.shape[-1] == text.shape[-1] == json.loads((model_configs_dir() / f'{name}.json').read_text())['embed_dim']
+    embed_dim = json.loads((model_configs_dir() / f'{name}.json').read_text())['embed_dim']
+    assert features.shape[-1] == text.shape[-1] == embed_dim
 
 
 @pytest.mark.parametrize('name', [n for n in FAMILY if n not in LARGEST])
 def test_stock_timm_architecture_is_the_same_model(name):
     import timm
+
     from eva_open_clip.registry import get_eva_model
     spec = get_eva_model(name).spec
     stock = spec.stock_timm_name()
@@ -145,7 +157,7 @@ def test_export_of_eva02_and_post_norm_layouts(case, tmp_path):
     from eva_open_clip.export import export_folder
     path = tmp_path / 'ckpt.pt'
     torch.save(released_state_dict(case), path)
-    out = export_folder(path, tmp_path / 'out', model_name=model_name(case))
+    out = export_folder(path, tmp_path / 'out', model_name=register_reference(case))
     model = open_clip.create_model(f'local-dir:{out}')
     image, text = _features(model, case)
     assert rel_err(image, golden(case)['image_features']) < TOLERANCE[case]
@@ -164,8 +176,9 @@ def test_largest_models_have_no_stock_timm_architecture_and_say_so():
 
 @pytest.mark.parametrize('case', ['rms_tiny_a', 'rmspost_tiny_a'])
 def test_bias_free_head_loads_strictly_without_invented_keys(case, tmp_path):
-    from eva_open_clip.export import WEIGHTS_NAME, export_folder
     from safetensors import safe_open
+
+    from eva_open_clip.export import WEIGHTS_NAME, export_folder
     sd = released_state_dict(case)
     assert 'visual.head.weight' in sd and 'visual.head.bias' not in sd
     model = _load(case, dict(sd), tmp_path)
@@ -180,7 +193,7 @@ def test_bias_free_head_loads_strictly_without_invented_keys(case, tmp_path):
     assert "1 missing key(s): 'visual.head.weight'" in str(info.value) and 'head.bias' not in str(info.value)
     path = tmp_path / 'full.pt'
     torch.save(released_state_dict(case), path)
-    out = export_folder(path, tmp_path / 'exported', model_name=model_name(case))
+    out = export_folder(path, tmp_path / 'exported', model_name=register_reference(case))
     with safe_open(str(out / WEIGHTS_NAME), 'pt') as f:
         keys = set(f.keys())
     assert 'visual.trunk.head.weight' in keys and not any(k.endswith(('head.bias', 'norm.bias')) and 'visual' in k
@@ -189,7 +202,7 @@ def test_bias_free_head_loads_strictly_without_invented_keys(case, tmp_path):
 
 def test_rms_norm_is_the_eva_clip_18b_formula():
     """weight * x * rsqrt(mean(x**2) + 1e-6), the formula of the EVA-CLIP-18B code."""
-    model = open_clip.create_model(model_name('rms_tiny_a'))
+    model = open_clip.create_model(register_reference('rms_tiny_a'))
     norm = model.visual.trunk.blocks[0].norm1
     torch.manual_seed(0)
     x, w = torch.randn(3, 5, 64) * 3, torch.randn(64)

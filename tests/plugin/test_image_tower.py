@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import eva_open_clip
-from support.checkpoints import golden, model_name, rel_err, released_state_dict
+from support.checkpoints import golden, register_reference, rel_err, released_state_dict
 
 
 def _visual_only(case, prefix):
@@ -19,7 +19,7 @@ def _visual_only(case, prefix):
 def test_image_tower_loads_strictly(case, prefix, tmp_path):
     path = tmp_path / 'visual.pt'
     torch.save(_visual_only(case, prefix), path)
-    model = open_clip.create_model(model_name(case))
+    model = open_clip.create_model(register_reference(case))
     text_before = {k: v.clone() for k, v in model.text.state_dict().items()}
     eva_open_clip.load_image_tower(model, path)
     g = golden(case)
@@ -35,18 +35,18 @@ def test_image_tower_errors_name_keys_as_in_the_file(tmp_path):
     path = tmp_path / 'visual.pt'
     torch.save(sd, path)
     with pytest.raises(eva_open_clip.CheckpointError) as info:
-        eva_open_clip.load_image_tower(open_clip.create_model(model_name('tiny_a')), path)
+        eva_open_clip.load_image_tower(open_clip.create_model(register_reference('tiny_a')), path)
     message = str(info.value)
     assert str(path) in message and "'blocks.0.attn.q_bias'" in message and "'visual." not in message
 
 
 def test_a_full_checkpoint_is_not_an_image_tower(tmp_path, tiny_checkpoint):
     with pytest.raises(eva_open_clip.CheckpointError, match="unexpected key.*'text"):
-        eva_open_clip.load_image_tower(open_clip.create_model(model_name('tiny_a')), tiny_checkpoint)
+        eva_open_clip.load_image_tower(open_clip.create_model(register_reference('tiny_a')), tiny_checkpoint)
 
 
 def test_image_tower_file_problems(tmp_path):
     path = tmp_path / 'visual.pt'
     path.write_bytes(b'')
     with pytest.raises(eva_open_clip.CheckpointError, match='empty'):
-        eva_open_clip.load_image_tower(open_clip.create_model(model_name('tiny_a')), path)
+        eva_open_clip.load_image_tower(open_clip.create_model(register_reference('tiny_a')), path)

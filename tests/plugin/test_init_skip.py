@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from eva_open_clip import convert_state_dict
-from support.checkpoints import golden, model_name, needs_open_clip, rel_err, released_state_dict
+from support.checkpoints import golden, needs_open_clip, register_reference, rel_err, released_state_dict
 
 original_create_model = oc_factory.create_model.__wrapped__  # open_clip's own, without our seam
 
@@ -25,7 +25,7 @@ def _rng_after(build):
 
 
 def test_without_a_checkpoint_the_model_is_initialized_as_before():
-    name = model_name('tiny_a')
+    name = register_reference('tiny_a')
     torch.manual_seed(0)
     ours = _state(open_clip.create_model(name))
     torch.manual_seed(0)
@@ -38,7 +38,7 @@ def test_without_a_checkpoint_the_model_is_initialized_as_before():
 
 @pytest.mark.parametrize('precision', ['fp32', 'bf16', 'pure_bf16'])
 def test_with_a_checkpoint_no_tower_is_initialized(tiny_checkpoint, precision):
-    name = model_name('tiny_a')
+    name = register_reference('tiny_a')
     untouched = _rng_after(lambda: None)
     with_checkpoint = _rng_after(lambda: open_clip.create_model(name, pretrained=str(tiny_checkpoint),
                                                                 precision=precision))
@@ -50,7 +50,7 @@ def test_with_a_checkpoint_no_tower_is_initialized(tiny_checkpoint, precision):
 @pytest.mark.parametrize('precision', ['fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16'])
 def test_empty_build_gives_open_clips_dtypes_and_the_checkpoints_values(tiny_checkpoint, precision):
     """Each tensor is created in the dtype open_clip's precision gives it, holding the file's value."""
-    name = model_name('tiny_a')
+    name = register_reference('tiny_a')
     ours = open_clip.create_model(name, pretrained=str(tiny_checkpoint), precision=precision)
     reference = original_create_model(name, precision=precision)  # open_clip's own placement and casts
     reference.load_state_dict(convert_state_dict(released_state_dict('tiny_a')) | {
@@ -74,7 +74,7 @@ def test_empty_build_gives_open_clips_dtypes_and_the_checkpoints_values(tiny_che
 
 @needs_open_clip((3, 0), 'create_model(load_weights=...)')
 def test_load_weights_false_initializes(tiny_checkpoint):
-    name = model_name('tiny_a')
+    name = register_reference('tiny_a')
     torch.manual_seed(0)
     ours = _state(open_clip.create_model(name, pretrained=str(tiny_checkpoint), load_weights=False))
     torch.manual_seed(0)

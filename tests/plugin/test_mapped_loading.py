@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from eva_open_clip import mapped_checkpoint
 from eva_open_clip.checkpoint import read_state_dict
-from support.checkpoints import golden, model_name, rel_err, released_state_dict
+from support.checkpoints import golden, register_reference, rel_err, released_state_dict
 
 
 def _digest(path) -> str:
@@ -43,9 +43,9 @@ def test_read_only_file_loads_and_is_never_written(tmp_path):
     torch.save(released_state_dict('rmspost_tiny_a'), path)
     os.chmod(path, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     before, mtime = _digest(path), path.stat().st_mtime_ns
-    low = open_clip.create_model(model_name('rmspost_tiny_a'), pretrained=str(path), precision='pure_bf16')
+    low = open_clip.create_model(register_reference('rmspost_tiny_a'), pretrained=str(path), precision='pure_bf16')
     assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
-    model = open_clip.create_model(model_name('rmspost_tiny_a'), pretrained=str(path))
+    model = open_clip.create_model(register_reference('rmspost_tiny_a'), pretrained=str(path))
     g = golden('rmspost_tiny_a')
     with torch.no_grad():
         assert rel_err(model.eval().encode_image(g['pixels']), g['image_features']) < 1e-4

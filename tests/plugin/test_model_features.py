@@ -11,7 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from support.checkpoints import REFERENCE_CASES, golden, model_name, needs_open_clip, needs_timm, rel_err, released_state_dict
+from support.checkpoints import (
+    REFERENCE_CASES,
+    golden,
+    needs_open_clip,
+    needs_timm,
+    register_reference,
+    rel_err,
+    released_state_dict,
+)
 
 PRECISIONS = ['fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16']
 AUTOCAST = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}
@@ -29,7 +37,8 @@ def checkpoints(tmp_path_factory):
 
 def _encode(model, pixels, tokens, precision):
     input_dtype = open_clip.get_input_dtype(precision) or torch.float32
-    autocast = torch.autocast('cpu', dtype=AUTOCAST[precision]) if precision in AUTOCAST else torch.autocast('cpu', enabled=False)
+    autocast = torch.autocast('cpu', dtype=AUTOCAST[precision]) if precision in AUTOCAST else \
+        torch.autocast('cpu', enabled=False)
     with torch.no_grad(), autocast:
         return model.encode_image(pixels.to(input_dtype)).float(), model.encode_text(tokens).float()
 
@@ -37,7 +46,8 @@ def _encode(model, pixels, tokens, precision):
 @functools.lru_cache(maxsize=None)
 def _torch_cannot_run(precision: str) -> str:
     """Why this torch's CPU kernels cannot run open_clip's own (non-EVA) models in `precision`, if so."""
-    config = {'embed_dim': 16, 'vision_cfg': {'image_size': 32, 'layers': 1, 'width': 32, 'head_width': 16, 'patch_size': 16},
+    config = {'embed_dim': 16,
+              'vision_cfg': {'image_size': 32, 'layers': 1, 'width': 32, 'head_width': 16, 'patch_size': 16},
               'text_cfg': {'context_length': 77, 'vocab_size': 49408, 'width': 16, 'heads': 2, 'layers': 1}}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / 'probe-tiny-vit.json'
@@ -52,7 +62,7 @@ def _torch_cannot_run(precision: str) -> str:
 
 
 def _load(case, checkpoints, **kwargs):
-    return open_clip.create_model(model_name(case), pretrained=str(checkpoints[case]), **kwargs).eval()
+    return open_clip.create_model(register_reference(case), pretrained=str(checkpoints[case]), **kwargs).eval()
 
 
 @pytest.mark.parametrize('case', REFERENCE_CASES)
@@ -72,7 +82,8 @@ def test_precisions(case, precision, checkpoints):
 
 
 def test_output_dict(checkpoints):
-    model = open_clip.create_model(model_name('tiny_a'), pretrained=str(checkpoints['tiny_a']), output_dict=True)
+    name = register_reference('tiny_a')
+    model = open_clip.create_model(name, pretrained=str(checkpoints['tiny_a']), output_dict=True)
     g = golden('tiny_a')
     with torch.no_grad():
         out = model.eval()(g['pixels'], g['tokens'])
@@ -164,7 +175,7 @@ def test_force_image_size(case, checkpoints):
     patch = same.visual.trunk.patch_embed.patch_size[0]
     larger = native + 2 * patch
     model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name(case), pretrained=str(checkpoints[case]), force_image_size=larger)
+        register_reference(case), pretrained=str(checkpoints[case]), force_image_size=larger)
     trunk = model.visual.trunk
     grid = larger // patch
     assert trunk.pos_embed.shape == (1, 1 + grid * grid, trunk.embed_dim)

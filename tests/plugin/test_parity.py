@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from support.checkpoints import DATA, golden, model_name, rel_err, released_state_dict
+from support.checkpoints import DATA, golden, register_reference, rel_err, released_state_dict
 
 
 def _features(model, case):
@@ -27,7 +27,7 @@ def test_tokenizer_matches_original_tokens():
 @pytest.mark.parametrize('case', ['tiny_a', 'e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a'])
 def test_preprocessing_matches_original_pixels(case, tiny_checkpoint):
     g = golden(case)
-    _, _, preprocess = open_clip.create_model_and_transforms(model_name(case))
+    _, _, preprocess = open_clip.create_model_and_transforms(register_reference(case))
     pixels = torch.stack([preprocess(Image.open(DATA / 'images' / n)) for n in g['image_names']])
     assert (pixels - g['pixels']).abs().max().item() < 1e-5
 
@@ -57,7 +57,7 @@ LAYOUTS = [
 def test_every_layout_gives_original_features(tmp_path, filename, nesting, prefix, dtype):
     sd = {k: v.to(dtype) for k, v in released_state_dict('tiny_a').items()}
     path = _write(sd, tmp_path / filename, nesting, prefix)
-    model, _, _ = open_clip.create_model_and_transforms(model_name('tiny_a'), pretrained=str(path))
+    model, _, _ = open_clip.create_model_and_transforms(register_reference('tiny_a'), pretrained=str(path))
     image, text = _features(model, 'tiny_a')
     g = golden('tiny_a')
     assert rel_err(image, g['image_features']) < 1e-4
@@ -68,7 +68,7 @@ def test_every_layout_gives_original_features(tmp_path, filename, nesting, prefi
 def test_bf16_file_loads_its_values_exactly(tmp_path):
     sd = {k: v.to(torch.bfloat16) for k, v in released_state_dict('tiny_a').items()}
     path = _write(sd, tmp_path / 'bf16.pt')
-    model = open_clip.create_model(model_name('tiny_a'), pretrained=str(path))
+    model = open_clip.create_model(register_reference('tiny_a'), pretrained=str(path))
     assert torch.equal(model.visual.trunk.blocks[1].attn.qkv.weight, sd['visual.blocks.1.attn.qkv.weight'].float())
     assert torch.equal(model.text.text_projection, sd['text.text_projection'].float())
     image, _ = _features(model, 'tiny_a')
@@ -78,7 +78,7 @@ def test_bf16_file_loads_its_values_exactly(tmp_path):
 
 @pytest.mark.parametrize('factory', ['create_model_and_transforms', 'create_model', 'create_model_from_pretrained'])
 def test_every_open_clip_factory(factory, tiny_checkpoint):
-    out = getattr(open_clip, factory)(model_name('tiny_a'), pretrained=str(tiny_checkpoint))
+    out = getattr(open_clip, factory)(register_reference('tiny_a'), pretrained=str(tiny_checkpoint))
     model = out[0] if isinstance(out, tuple) else out
     image, text = _features(model, 'tiny_a')
     assert rel_err(image, golden('tiny_a')['image_features']) < 1e-4
@@ -88,5 +88,5 @@ def test_every_open_clip_factory(factory, tiny_checkpoint):
 def test_logit_scale_at_top_level(tmp_path):
     sd = released_state_dict('tiny_a')
     sd['logit_scale'] = sd.pop('text.logit_scale')
-    model = open_clip.create_model(model_name('tiny_a'), pretrained=str(_write(sd, tmp_path / 'top.pt')))
+    model = open_clip.create_model(register_reference('tiny_a'), pretrained=str(_write(sd, tmp_path / 'top.pt')))
     assert model.logit_scale.item() == pytest.approx(golden('tiny_a')['logit_scale'].item())

@@ -8,12 +8,15 @@ import sys
 
 import open_clip
 import pytest
+import timm
+import torch
 
 import eva_open_clip
-from eva_open_clip.empty_build import empty_build, meta_model
+from eva_open_clip import ConfigError
 from eva_open_clip.configs import build_spec
+from eva_open_clip.empty_build import empty_build, meta_model
 from eva_open_clip.registry import BUILTIN_MODELS, get_eva_model, model_configs_dir
-from support.checkpoints import DATA, golden
+from support.checkpoints import DATA, golden, registered
 
 
 def test_g14_is_an_open_clip_model():
@@ -134,3 +137,26 @@ def test_sizes_may_be_given_as_pairs():
     config['vision_cfg']['image_size'] = [56, 84]
     with pytest.raises(eva_open_clip.ConfigError, match='image_size'):
         build_spec(config, 'x')
+
+
+def test_a_model_unregistered_can_be_registered_again_with_another_config(tiny_checkpoint):
+    config = golden('tiny_a')['config']
+    other = dict(config, embed_dim=config['embed_dim'] * 2)
+    with registered('test-reregistered', config) as name:
+        model = open_clip.create_model(name, pretrained=str(tiny_checkpoint))
+        assert name in open_clip.list_models() and name in eva_open_clip.list_eva_models()
+    assert name not in open_clip.list_models() and name not in eva_open_clip.list_eva_models()
+    with pytest.raises(ValueError, match='unregistered'):  # timm keeps the entry point, which now refuses
+        timm.create_model('evaclip_test_reregistered')
+    with registered(name, other):  # the same name, another architecture: built as the new config says
+        assert open_clip.create_model(name).text.text_projection.shape[-1] == other['embed_dim']
+    with registered(name, config):
+        again = open_clip.create_model(name, pretrained=str(tiny_checkpoint))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_released_and_unknown_models_are_not_unregistered():
+    with pytest.raises(ConfigError, match="'EVA_CLIP_g_14' is a released EVA-CLIP model"):
+        eva_open_clip.unregister_eva_model('EVA_CLIP_g_14')
+    with pytest.raises(ConfigError, match="no EVA model named 'never-registered'"):
+        eva_open_clip.unregister_eva_model('never-registered')

@@ -2,8 +2,11 @@
 the skips for features an installed release lacks."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -29,6 +32,13 @@ def needs_timm(version: tuple[int, ...], feature: str):
                               f"{'.'.join(map(str, version))} (installed: {versions.TIMM_VERSION})")
 
 
+def needs_trainer():
+    """Skip where open_clip's trainer cannot run: its dependencies come with the `train` extra."""
+    missing = [m for m in ('pandas', 'fsspec') if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"open_clip's trainer needs {', '.join(missing)}: "
+                                                    f"pip install 'eva_open_clip[train]'")
+
+
 def released_state_dict(case: str) -> dict[str, torch.Tensor]:
     """The reference checkpoint of `case`, key for key and dtype for dtype as released.
 
@@ -47,11 +57,22 @@ def golden(case: str) -> dict:
     return torch.load(DATA / case / 'golden.pt', weights_only=True)
 
 
-def model_name(case: str) -> str:
-    """Registers the reference architecture of `case` under a test name and returns that name."""
+def register_reference(case: str) -> str:
+    """Register the reference architecture of `case` under its test name (`test-CASE`; again: nothing changes)
+    and return that name."""
     name = f'test-{case}'
     eva_open_clip.register_eva_model(name, golden(case)['config'])
     return name
+
+
+@contextlib.contextmanager
+def registered(name: str, config) -> Iterator[str]:
+    """`name` registered with `config` inside the block, and unregistered after it."""
+    eva_open_clip.register_eva_model(name, config)
+    try:
+        yield name
+    finally:
+        eva_open_clip.unregister_eva_model(name)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -39,6 +39,7 @@ def main_here(*args) -> subprocess.CompletedProcess:
     argparse's own exits become the status; the signal handlers `embed` installs and torch's thread count are
     put back."""
     import torch
+
     from eva_open_clip import cli
     argv = [str(a) for a in args]
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -55,3 +56,17 @@ def main_here(*args) -> subprocess.CompletedProcess:
             signal.signal(s, handler)
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def error_line(result: subprocess.CompletedProcess, code: int) -> str:
+    """The last line on standard error of a command that exited with `code`, with no traceback before it."""
+    assert result.returncode == code, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+def only_line(result: subprocess.CompletedProcess, code: int) -> str:
+    """The one line on standard error of a command that exited with `code`."""
+    line = error_line(result, code)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return line

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from .checkpoints import model_name
+from .checkpoints import register_reference
 from .cli import main_here, run_cli
 
 FIXED_FILES = {'embed.json', 'units.jsonl', 'summary.json', '.lock'}
@@ -56,7 +56,7 @@ def run_embed(tiny, *args, out, launcher=None, background=False, new_process=Fal
 
 def embed_here(tiny, *args, out, pretrained: str | None = None) -> subprocess.CompletedProcess:
     """`eva-open-clip embed ARGS --out OUT` on the tiny model, in this process (`main_here`)."""
-    assert model_name('tiny_a') == TINY  # registers it
+    register_reference('tiny_a')
     return main_here('embed', *args, '--out', out, '--model', TINY, '--pretrained', pretrained or tiny[0] / 'tiny.pt')
 
 
@@ -91,6 +91,10 @@ def same_output(a: Path, b: Path) -> None:
             assert (a / name).read_text() == (b / name).read_text(), name
 
 
+def _fields(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ('image', 'text', 'part', 'similarity')}
+
+
 def same_rows(a: Path, b: Path) -> dict[str, dict]:
     """Every sample of `b` is in `a` exactly once, with the same features and metadata (any part); returns `a`'s rows.
 
@@ -103,8 +107,7 @@ def same_rows(a: Path, b: Path) -> dict[str, dict]:
         assert np.allclose(row['image'], other['image'], atol=1e-6), key
         assert (row['text'] is None) == (other['text'] is None), key
         assert row['text'] is None or np.allclose(row['text'], other['text'], atol=1e-6), key
-        fields = lambda r: {k: v for k, v in r.items() if k not in ('image', 'text', 'part', 'similarity')}
-        assert fields(row) == fields(other), key
+        assert _fields(row) == _fields(other), key
         assert row.get('similarity') == other.get('similarity') or abs(row['similarity'] - other['similarity']) < 1e-6
     return rows_a
 

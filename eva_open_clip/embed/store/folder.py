@@ -31,30 +31,39 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from eva_open_clip.embed.store import metadata
-from eva_open_clip.embed.skips import UNREADABLE, Skip
-from eva_open_clip.embed.inputs import Duplicates
 from eva_open_clip.durable import remove_temporary_files, temporary_target, write_atomic, write_text
-from eva_open_clip.errors import UsageError
-from eva_open_clip.embed.loader import Batch
+from eva_open_clip.embed.store import metadata
 from eva_open_clip.embed.store.names import name_text
-from eva_open_clip.embed.store.records import Part, RankCounts, SkipRecord, Summary, UnitRecord, Unreadable
-from eva_open_clip.embed.store.paths import (PART_FOLDERS, RANKS, RECORD_NAME, RECORDS, SETTINGS_FILE, SUBFOLDERS,
-                                             SUMMARY_FILE, TOP_FILES, part_name, record_path)
-from eva_open_clip.embed.units import Unit, plan_units, read_units
+from eva_open_clip.embed.store.paths import (
+    PART_FOLDERS,
+    RANKS,
+    RECORD_NAME,
+    RECORDS,
+    SETTINGS_FILE,
+    SUBFOLDERS,
+    SUMMARY_FILE,
+    TOP_FILES,
+    part_name,
+    record_path,
+)
+from eva_open_clip.embed.store.records import Part, RankCounts, SkipRecord, Summary, UnitRecord
+from eva_open_clip.embed.store.unit_list import read_unit_list
+from eva_open_clip.errors import UsageError, param
 
 FORMAT_VERSION = 3
+
+
 @dataclass
 class FolderSettings:
     """What determines the rows of an output folder (recorded in DIR/embed.json and in every done record).
 
     The batch size is not among them (a run after an out-of-memory failure may take a smaller one): each
     unit's record says which it was made with.
-"""
+    """
 
     model: str
     pretrained: str
@@ -134,18 +143,23 @@ def check_folder(out: Path) -> None:
     found = _read_settings(out)
     if found is not None and found.get('format') != FORMAT_VERSION:
         raise UsageError(f'{out} was written by another version of eva_open_clip (folder format '
-                         f'{found.get("format")}, this version writes {FORMAT_VERSION}): embed into a new --out folder')
+                         f'{found.get("format")}, this version writes {FORMAT_VERSION}): embed into a new '
+                         f'{param("out")} folder')
     if found is not None or read_records(out):
         return
-    if (out / SETTINGS_FILE).exists() and read_units(out):
+    if (out / SETTINGS_FILE).exists() and read_unit_list(out):
         return  # a damaged embed.json of a folder with no unit done yet
-    what = f'its {SETTINGS_FILE} is not one this tool wrote' if (out / SETTINGS_FILE).exists() else f'no {SETTINGS_FILE}'
+    what = (f'its {SETTINGS_FILE} is not one this tool wrote' if (out / SETTINGS_FILE).exists()
+            else f'no {SETTINGS_FILE}')
     raise UsageError(f'{out} is not empty and is not an output folder of eva-open-clip embed ({what}); '
                      f'give a new or empty folder (nothing in {out} was changed)')
 
 
-def _settled(out: Path, settings: FolderSettings, records: list[UnitRecord], notes: list[str]) -> list[UnitRecord]:
-    """The records made with this folder's settings; refuses other settings; (re)writes embed.json."""
+def _check_settings(out: Path, settings: FolderSettings,
+                    records: list[UnitRecord]) -> tuple[list[UnitRecord], list[str]]:
+    """The records made with this folder's settings and notes on what was repaired; refuses other settings;
+    (re)writes embed.json when it is not what they say."""
+    notes: list[str] = []
     wanted = settings.as_json()
     found = _read_settings(out)
     if records:
@@ -154,7 +168,7 @@ def _settled(out: Path, settings: FolderSettings, records: list[UnitRecord], not
         if differ:
             detail = '; '.join(f'{k}: {fixed.get(k)!r} there, {wanted[k]!r} now' for k in differ)
             raise UsageError(f'{out} holds the output of another embedding run ({detail}); '
-                             f'use a new --out folder, or the same settings to resume')
+                             f'use a new {param("out")} folder, or the same settings to resume')
         records = [r for r in records if r.settings == fixed]
         if found != wanted:
             notes.append(f'note: {out / SETTINGS_FILE} was {"damaged or missing" if found is None else "changed"}; '
@@ -163,7 +177,7 @@ def _settled(out: Path, settings: FolderSettings, records: list[UnitRecord], not
         notes.append(f'note: no unit of {out} was finished: it takes the settings of this command')
     if found != wanted:
         write_text(out / SETTINGS_FILE, json.dumps(wanted, indent=2) + '\n')
-    return records
+    return records, notes
 
 
 def _remove_unnamed(out: Path, kept: set[str]) -> None:
@@ -189,38 +203,27 @@ def _disjoint(records: list[UnitRecord]) -> list[UnitRecord]:
     taken: set[str] = set()
     kept = []
     for record in records:
-        reals = {s.real for s in record.as_unit().sources}
+        reals = record.reals()
         if not reals & taken:
             kept.append(record)
             taken |= reals
     return kept
 
 
-@dataclass
-class Plan:
-    """What `prepare` found: the job's units, the duplicate inputs dropped, notes on repaired bookkeeping."""
-
-    units: list[Unit]
-    duplicates: Duplicates
-    notes: list[str]
-
-
-def prepare(out: Path, settings: FolderSettings, inputs: Sequence[str], files_from: str | None) -> Plan:
-    """Check the folder and list the job's units (call while holding the folder's lock; see the module doc)."""
+def open_folder(out: Path, settings: FolderSettings) -> tuple[list[UnitRecord], list[str]]:
+    """The records of the done units, and notes on repaired bookkeeping: checks the folder and its settings and
+    removes what no done unit names (call while holding the folder's lock; see the module doc)."""
     check_folder(out)
-    notes: list[str] = []
-    records = _settled(out, settings, _disjoint([r for r in read_records(out) if _intact(out, r)]), notes)
+    records, notes = _check_settings(out, settings, _disjoint([r for r in read_records(out) if _intact(out, r)]))
     for sub in SUBFOLDERS:
         if sub != 'text_emb' or settings.captions:  # no empty text_emb/ without --captions
             (out / sub).mkdir(exist_ok=True)
-    units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,
-                                         {r.unit: r.as_unit() for r in records})
     done = {record_path(out, r.unit).name for r in records}
     for path in _record_paths(out):
         if path.name not in done:
             path.unlink()
     _remove_unnamed(out, {name for r in records for part in r.parts for name in part.files})
-    return Plan(units, duplicates, notes + ([note] if note else []))
+    return records, notes
 
 
 def done_units(out: Path) -> frozenset[int]:
@@ -232,14 +235,23 @@ def done_count(out: Path) -> int:
     return len(_record_paths(out))
 
 
+class Skipped(Protocol):
+    """A sample that gave no row, as the tool knows it: its key as read (None when unknown), why, a detail."""
+
+    key: str | bytes | None
+    reason: str
+    detail: str
+
+
 @dataclass
 class _UnitRows:
-    unit: Unit
+    """What a unit has given so far: features and metadata of rows not yet in a part, its skips, its parts."""
+
     image: list[np.ndarray] = field(default_factory=list)
     text: list[np.ndarray] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)  # fixed columns of the rows not yet written
     json_fields: list[dict | None] = field(default_factory=list)
-    skipped: list[Skip] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
     parts: list[Part] = field(default_factory=list)
     total: int = 0
 
@@ -252,9 +264,13 @@ def _save_npy(array: np.ndarray) -> Callable[[Path], None]:
 
 
 class FolderWriter:
-    """Writes the parts and unit records of one output folder, as batches of units arrive."""
+    """Writes the parts and unit records of one output folder, as the rows of its units arrive.
 
-    def __init__(self, out: Path, settings: FolderSettings, units: Sequence[Unit], batch_size: int):
+    A unit's rows come in its order (units may interleave); its parts are written as they fill, and its
+    record once `finish_unit` is called, after every file of its parts is on disk.
+    """
+
+    def __init__(self, out: Path, settings: FolderSettings, batch_size: int):
         # pyarrow is imported, and its first table built (which imports pandas, when installed), here
         # rather than at the first part: a broken install fails before any work, and the time is not
         # taken from the model in the middle of the run
@@ -267,32 +283,49 @@ class FolderWriter:
         metadata.part_table([dict(image_path='', caption='', similarity=0.0)], [None], self.fixed_types)
         self.out, self.part_size, self.settings = out, settings.part_size, settings.as_json()
         self.batch_size = batch_size
-        self.by_index = {u.index: u for u in units}
         self.units: dict[int, _UnitRows] = {}
         self.finished: list[UnitRecord] = []  # records of the units this writer completed
-        self.unreadable: list[Unreadable] = []  # units whose shard could not be read (not done)
 
-    def add(self, batch: Batch, image: np.ndarray | None, text: np.ndarray | None) -> None:
-        unit = self.units.setdefault(batch.unit, _UnitRows(self.by_index[batch.unit]))
-        unit.skipped += batch.skipped
+    def add(self, unit: int, keys: Sequence[str | bytes], image: np.ndarray | None, text: np.ndarray | None,
+            captions: Sequence[str] | None, metas: Sequence[dict | None], skipped: Sequence[Skipped]) -> None:
+        """The next rows of `unit` (keys, image and text features, captions, json fields) and the samples
+        skipped among them; full parts are written."""
+        rows = self.units.setdefault(unit, _UnitRows())
+        rows.skipped += [SkipRecord(None if s.key is None else name_text(s.key), str(s.reason), s.detail)
+                         for s in skipped]
         if image is not None:
-            unit.image.append(image)
+            rows.image.append(image)
             if text is not None:
-                unit.text.append(text)
+                rows.text.append(text)
                 similarity = (image * text).sum(axis=1)
-            for i, key in enumerate(batch.keys):
+            for i, key in enumerate(keys):
                 row: dict[str, Any] = {'image_path': name_text(key)}
                 if text is not None:
-                    row.update(caption=batch.captions[i], similarity=float(similarity[i]))
-                unit.rows.append(row)
-                unit.json_fields.append(batch.metas[i])
-            unit.total += len(batch.keys)
-        while len(unit.rows) >= self.part_size:
-            self._write_part(batch.unit, unit, self.part_size)
-        if batch.end:
-            if unit.rows:
-                self._write_part(batch.unit, unit, len(unit.rows))
-            self._finish_unit(batch.unit, self.units.pop(batch.unit))
+                    row.update(caption=captions[i], similarity=float(similarity[i]))
+                rows.rows.append(row)
+                rows.json_fields.append(metas[i])
+            rows.total += len(keys)
+        while len(rows.rows) >= self.part_size:
+            self._write_part(unit, rows, self.part_size)
+
+    def finish_unit(self, unit: int, source: str | bytes, sources: list[dict]) -> UnitRecord:
+        """Write `unit`'s last part and then its record (`source`: what people know it by, `sources`: the
+        identities of what it was made from): the unit is done."""
+        rows = self.units.pop(unit, None) or _UnitRows()
+        if rows.rows:
+            self._write_part(unit, rows, len(rows.rows))
+        record = UnitRecord(unit=unit, source=name_text(source), sources=sources, settings=self.settings,
+                            batch_size=self.batch_size, rows=rows.total, parts=rows.parts, skipped=rows.skipped)
+        write_text(record_path(self.out, unit), record.to_json())
+        self.finished.append(record)
+        return record
+
+    def discard_unit(self, unit: int) -> None:
+        """Forget what `unit` has given so far and remove its parts: it is not done (the next run redoes it)."""
+        rows = self.units.pop(unit, None)
+        for part in rows.parts if rows else ():
+            for name in part.files:
+                (self.out / name).unlink(missing_ok=True)
 
     def _write_part(self, index: int, unit: _UnitRows, rows: int) -> None:
         name = part_name(index, len(unit.parts))
@@ -309,19 +342,6 @@ class FolderWriter:
         meta = f'metadata/metadata_{name}.parquet'
         files[meta] = write_atomic(self.out / meta, lambda p: self.write_table(table, p))
         unit.parts.append(Part(name=name, rows=rows, files=files, columns=kinds))
-
-    def _finish_unit(self, index: int, unit: _UnitRows) -> None:
-        source = name_text(unit.unit.source)
-        unreadable = next((s for s in unit.skipped if s.reason == UNREADABLE), None)
-        if unreadable is not None:  # no record: its parts are removed and the unit redone by the next run
-            self.unreadable.append(Unreadable(unit=index, source=source, detail=unreadable.detail))
-            return
-        record = UnitRecord(unit=index, source=source, sources=unit.unit.identity(), settings=self.settings,
-                            batch_size=self.batch_size, rows=unit.total, parts=unit.parts,
-                            skipped=[SkipRecord(None if s.key is None else name_text(s.key), str(s.reason), s.detail)
-                                     for s in unit.skipped])
-        write_text(record_path(self.out, index), record.to_json())
-        self.finished.append(record)
 
 
 def _conform_metadata(out: Path, records: list[UnitRecord]) -> None:

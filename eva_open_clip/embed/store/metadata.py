@@ -43,7 +43,7 @@ def column_name(field: str) -> str:
     return 'json.' + field if _RESERVED.fullmatch(field) else field
 
 
-def _text(value: str) -> str:
+def _utf8(value: str) -> str:
     try:
         value.encode('utf-8')
         return value
@@ -64,9 +64,9 @@ def _depth_within(value: Any, limit: int) -> bool:
 
 def _clean(value: Any) -> Any:
     if isinstance(value, str):
-        return _text(value)
+        return _utf8(value)
     if isinstance(value, dict):
-        return {_text(k): _clean(v) for k, v in value.items()}
+        return {_utf8(k): _clean(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_clean(v) for v in value]
     return value
@@ -76,7 +76,7 @@ def sample_fields(fields: dict) -> dict:
     """A sample's json object as it is stored (see the module doc); ValueError when nested too deep."""
     if not _depth_within(fields, MAX_DEPTH):
         raise ValueError(f'nested deeper than {MAX_DEPTH} levels')
-    return {column_name(_text(k)): _clean(v) for k, v in fields.items()}
+    return {column_name(_utf8(k)): _clean(v) for k, v in fields.items()}
 
 
 def _kind_of(value: Any) -> str:

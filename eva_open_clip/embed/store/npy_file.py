@@ -10,35 +10,35 @@ FILE.paths.txt of another run (so no reader can pair the wrong rows and lines), 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from eva_open_clip.embed.defaults import IMAGE_KEYS
-from eva_open_clip.embed.inputs import InputError
-from eva_open_clip.embed.decode import PixelLimits
-from eva_open_clip.embed.skips import Skip
-from eva_open_clip.durable import (TEMP_SUFFIX, fsync_dir, new_file_mode, remove_temporary_files, stage, write_error,
-                                   write_text)
+from eva_open_clip.durable import (
+    TEMP_SUFFIX,
+    fsync_dir,
+    new_file_mode,
+    remove_temporary_files,
+    stage,
+    write_error,
+    write_text,
+)
 from eva_open_clip.embed.store.lock import OutputLock
-from eva_open_clip.errors import ToolError, UsageError
-from eva_open_clip.embed.encoder import Encoder
-from eva_open_clip.embed.loader import Batch, DecodedBatches, UnitDataset
 from eva_open_clip.embed.store.names import name_text
-from eva_open_clip.embed.progress import Progress, plural
-from eva_open_clip.embed.units import list_units
+from eva_open_clip.errors import ToolError
 
 
 def paths_file(out: Path) -> Path:
     """FILE.paths.txt beside FILE.npy."""
-    return out.with_name(out.name[:-len('.npy')] + '.paths.txt' if out.name.endswith('.npy') else out.name + '.paths.txt')
+    stem = out.name[:-len('.npy')] if out.name.endswith('.npy') else out.name
+    return out.with_name(stem + '.paths.txt')
 
 
 class _Rows:
@@ -94,17 +94,6 @@ class _Rows:
             self.path.unlink(missing_ok=True)
 
 
-def _in_input_order(batches: DecodedBatches) -> Iterator[Batch]:
-    """The batches of units in unit order: units arrive interleaved from the workers."""
-    pending: dict[int, list[Batch]] = {}
-    following = 0
-    for batch in batches:
-        pending.setdefault(batch.unit, []).append(batch)
-        while pending.get(following) and pending[following][-1].end:
-            yield from pending.pop(following)
-            following += 1
-
-
 def _journal(out: Path) -> Path:
     return out.with_name(f'.{out.name}.commit')
 
@@ -130,17 +119,29 @@ def _commit_pair(array: Path, paths: Path, out: Path) -> None:
     _complete_commit(out)
 
 
-def embed_to_npy(load_encoder: Callable[[], Encoder], inputs: Sequence[str], out: str | os.PathLike,
-                 batch_size: int = 32, text_file: str | None = None, files_from: str | None = None, workers: int = 0,
-                 image_keys: Sequence[str] = IMAGE_KEYS, limits: PixelLimits | None = None,
-                 quiet: bool = False, progress_interval: float | None = None) -> tuple[int, list[Skip]]:
-    """Write FILE.npy and FILE.paths.txt; return the number of rows and the samples skipped.
+class NpyWriter:
+    """The rows of one FILE.npy as they come, and `commit`, which puts them in place with their names."""
 
-    The inputs are listed (or the text file read) before `load_encoder` is called, so that a mistake in
-    them is found before the model is loaded. One job at a time writes an output (its lock,
-    `.FILE.npy.lock`); a commit that a killed job left half done is completed, and the temporary files it
-    left beside the outputs are removed, first.
-    """
+    def __init__(self, out: Path):
+        self.out = out
+        self.rows = _Rows(out)
+
+    def append(self, rows: np.ndarray) -> None:
+        self.rows.append(rows)
+
+    def commit(self, names: Sequence[str | bytes]) -> None:
+        """FILE.npy and FILE.paths.txt (row i is `names[i]`), committed together."""
+        array = self.rows.finish()
+        paths = stage(paths_file(self.out), lambda p: p.write_text(''.join(f'{name_text(k)}\n' for k in names),
+                                                                   encoding='utf-8'))
+        _commit_pair(array, paths, self.out)
+
+
+@contextlib.contextmanager
+def npy_output(out: str | os.PathLike) -> Iterator[NpyWriter]:
+    """A writer of FILE.npy under its lock (`.FILE.npy.lock`: one job at a time), after completing a commit that a
+    killed job left half done and removing the temporary files it left beside the outputs. Rows that are not
+    committed are removed on the way out."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with OutputLock.for_file(out):
@@ -151,76 +152,8 @@ def embed_to_npy(load_encoder: Callable[[], Encoder], inputs: Sequence[str], out
             _journal(out).unlink()
         ours = '|'.join(re.escape(p.name) for p in (out, paths_file(out), _journal(out)))
         remove_temporary_files(out.parent, re.compile(ours))
-        if text_file:
-            lines = _text_lines(text_file)
-            if not lines:
-                raise UsageError(f'--text-file {text_file}: holds no line of text')
-            progress = Progress(len(lines), 'text', interval=progress_interval, enabled=not quiet)
-            return _embed_lines(load_encoder(), lines, out, batch_size, progress)
-        units, duplicates = list_units(inputs, files_from, 10_000)
-        if duplicates.note():
-            print(duplicates.note(), file=sys.stderr)
-        progress = Progress(sum(len(u.files) for u in units) or None, 'image', interval=progress_interval,
-                            enabled=not quiet)
-        return _embed_images(load_encoder(), units, out, batch_size, workers, image_keys, limits, progress)
-
-
-def _text_lines(text_file: str) -> list[str]:
-    """The non-blank lines of a UTF-8 text file (split at \\n; a final \\r is dropped)."""
-    try:
-        raw = Path(text_file).read_bytes()
-    except OSError as e:
-        raise InputError(f'--text-file {text_file}: {e.strerror or e}') from None
-    lines = []
-    for number, line in enumerate(raw.split(b'\n'), 1):
+        writer = NpyWriter(out)
         try:
-            text = line.decode('utf-8').removesuffix('\r')
-        except UnicodeDecodeError:
-            raise InputError(f'--text-file {text_file}: line {number} is not UTF-8 text') from None
-        if text.strip():
-            lines.append(text)
-    return lines
-
-
-def _embed_lines(encoder: Encoder, lines: list[str], out: Path, batch_size: int,
-                 progress: Progress) -> tuple[int, list[Skip]]:
-    rows = _Rows(out)
-    try:
-        for start in range(0, len(lines), batch_size):
-            chunk = lines[start:start + batch_size]
-            rows.append(encoder.texts(chunk).numpy())
-            progress.update(len(chunk))
-        _commit(rows, lines, out)
-    finally:
-        progress.close()
-        rows.discard()
-    return len(lines), []
-
-
-def _embed_images(encoder: Encoder, units: list, out: Path, batch_size: int, workers: int,
-                  image_keys: Sequence[str], limits: PixelLimits | None, progress: Progress) -> tuple[int, list[Skip]]:
-    rows, keys, skipped = _Rows(out), [], []
-    try:
-        dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=image_keys, limits=limits)
-        decoding = DecodedBatches(dataset, min(workers, len(units)), encoder.device_type)
-        for batch in _in_input_order(decoding):
-            skipped += batch.skipped
-            if batch.pixels is not None:
-                rows.append(encoder.encode_pixels(batch.pixels).numpy())
-                keys += batch.keys
-            progress.update(len(batch.keys) + len(batch.skipped))
-        if not keys:
-            raise ToolError(f'no input could be decoded ({plural(len(skipped), "sample")} skipped)' if skipped
-                            else 'nothing to embed')
-        _commit(rows, keys, out)
-    finally:
-        progress.close()
-        rows.discard()
-    return len(keys), skipped
-
-
-def _commit(rows: _Rows, keys: list, out: Path) -> None:
-    array = rows.finish()
-    paths = stage(paths_file(out), lambda p: p.write_text(''.join(f'{name_text(k)}\n' for k in keys),
-                                                         encoding='utf-8'))
-    _commit_pair(array, paths, out)
+            yield writer
+        finally:
+            writer.rows.discard()

@@ -8,10 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from eva_open_clip.embed.units import Unit
 
-
-def _json(record: Any, indent: int | None = None) -> str:
+def _record_text(record: Any, indent: int | None = None) -> str:
     return json.dumps(dataclasses.asdict(record), indent=indent) + '\n'
 
 
@@ -36,7 +34,8 @@ class SkipRecord:
 
 @dataclass
 class UnitRecord:
-    """A finished unit: written last for it; the truth of the folder."""
+    """A finished unit: written last for it; the truth of the folder. `sources` are the identities of what it
+    was made from (each with its `path` and `real`, the resolved path or URL that names it once)."""
 
     unit: int
     source: str
@@ -48,7 +47,7 @@ class UnitRecord:
     skipped: list[SkipRecord]
 
     def to_json(self) -> str:
-        return _json(self)
+        return _record_text(self)
 
     @classmethod
     def from_json(cls, obj: dict) -> 'UnitRecord':
@@ -57,11 +56,13 @@ class UnitRecord:
         fields['parts'] = [Part(**p) for p in obj['parts']]
         fields['skipped'] = [SkipRecord(**s) for s in obj['skipped']]
         record = cls(**fields)
-        record.as_unit()  # its sources are sources
+        if not all(isinstance(s, dict) and isinstance(s['real'], str) for s in record.sources):
+            raise ValueError('sources without a resolved path')
         return record
 
-    def as_unit(self) -> Unit:
-        return Unit.from_record(dict(unit=self.unit, sources=self.sources))
+    def reals(self) -> set[str]:
+        """What names each of its sources once (resolved paths and URLs)."""
+        return {s['real'] for s in self.sources}
 
 
 @dataclass
@@ -90,7 +91,7 @@ class RankCounts:
     unreadable: list[Unreadable]
 
     def to_json(self) -> str:
-        return _json(self)
+        return _record_text(self)
 
     @classmethod
     def from_json(cls, obj: dict) -> 'RankCounts':
@@ -112,7 +113,7 @@ class Summary:
     ranks: list[RankCounts]
 
     def to_json(self) -> str:
-        return _json(self, indent=2)
+        return _record_text(self, indent=2)
 
     @classmethod
     def from_json(cls, obj: dict) -> 'Summary':

@@ -1,7 +1,8 @@
-"""`eva-open-clip embed --out DIR`: the job that embeds a large collection into an output folder.
+"""`embed --out DIR`: the job that embeds a large collection into an output folder.
 
 One job at a time writes a folder (its lock, held by rank 0 for the whole job). Before the model is
-loaded, rank 0 checks the folder and lists the job's units (`folder.prepare`); every rank then takes
+loaded, rank 0 opens the folder (`store.folder.open_folder`) and lists the job's units
+(`units.plan_units`); every rank then takes
 every WORLD_SIZE-th unit that is not done, decodes it in DataLoader workers (`loader`) and writes its
 parts (`folder.FolderWriter`), so the parts are the same whatever the number of ranks and workers. At
 the end rank 0 conforms the metadata parts and writes `summary.json`. A run that stops for any reason
@@ -15,19 +16,28 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from eva_open_clip.embed.decode import PixelLimits
 from eva_open_clip.durable import write_text
-from eva_open_clip.embed.store.lock import OutputLock
-from eva_open_clip.errors import ToolError, UsageError
-from eva_open_clip.embed.store.folder import (FolderSettings, FolderWriter, check_folder, done_count, done_units,
-                                              finish_folder, prepare)
-from eva_open_clip.embed.store.paths import rank_record
-from eva_open_clip.embed.store.records import RankCounts, Summary
+from eva_open_clip.embed.decode import PixelLimits
 from eva_open_clip.embed.encoder import Encoder
 from eva_open_clip.embed.loader import DecodedBatches, UnitDataset, shm_prefetch
 from eva_open_clip.embed.progress import Progress
 from eva_open_clip.embed.ranks import Ranks
-from eva_open_clip.embed.units import read_units
+from eva_open_clip.embed.skips import UNREADABLE, Skip
+from eva_open_clip.embed.store.folder import (
+    FolderSettings,
+    FolderWriter,
+    check_folder,
+    done_count,
+    done_units,
+    finish_folder,
+    open_folder,
+)
+from eva_open_clip.embed.store.lock import OutputLock
+from eva_open_clip.embed.store.names import name_text
+from eva_open_clip.embed.store.paths import rank_record
+from eva_open_clip.embed.store.records import RankCounts, Summary, Unreadable
+from eva_open_clip.embed.units import Unit, plan_units, read_units
+from eva_open_clip.errors import ToolError, UsageError
 
 
 def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, inputs: Sequence[str],
@@ -48,11 +58,14 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
                 check_folder(out)  # before the lock file is made: a folder of the user's is left as it is
                 out.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
-                plan = prepare(out, settings, inputs, files_from)
-                for note in plan.notes + [plan.duplicates.note()]:
-                    if note:
-                        print(note, file=sys.stderr)
-                if not plan.units:
+                records, notes = open_folder(out, settings)
+                units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,
+                                                     {r.unit: Unit.from_entry(dict(unit=r.unit, sources=r.sources))
+                                                      for r in records})
+                for line in notes + [note, duplicates.note()]:
+                    if line:
+                        print(line, file=sys.stderr)
+                if not units:
                     raise UsageError('nothing to embed: the inputs hold no image file or shard')
             except ToolError as e:
                 failure = e
@@ -98,10 +111,12 @@ def _image_bytes(encoder: Encoder) -> int:
     return pixels.numel() * pixels.element_size()
 
 
-def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list, out: Path,
+def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list[Unit], out: Path,
                  workers: int, batch_size: int, progress: Progress, rank: int) -> RankCounts:
     encoder = load_encoder()
-    writer = FolderWriter(out, settings, units, batch_size)
+    writer = FolderWriter(out, settings, batch_size)
+    by_index = {u.index: u for u in units}
+    unreadable: dict[int, Skip] = {}  # units whose shard could not be read: not done, redone by the next run
     dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=settings.image_keys,
                           caption_key=settings.caption_key if settings.captions else None,
                           tokenizer=encoder.tokenizer if settings.captions else None,
@@ -117,7 +132,16 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
             image = encoder.encode_pixels(batch.pixels).numpy()
             if batch.tokens is not None:
                 text = encoder.encode_tokens(batch.tokens).numpy()
-        writer.add(batch, image, text)
+        writer.add(batch.unit, batch.keys, image, text, batch.captions, batch.metas, batch.skipped)
+        failed = next((s for s in batch.skipped if s.reason == UNREADABLE), None)
+        if failed is not None:
+            unreadable[batch.unit] = failed
+        if batch.end:
+            unit = by_index[batch.unit]
+            if batch.unit in unreadable:
+                writer.discard_unit(batch.unit)
+            else:
+                writer.finish_unit(batch.unit, unit.source, unit.identity())
         progress.update(len(batch.keys))
         if first is None and batch.keys:
             first, first_rows = time.perf_counter(), len(batch.keys)
@@ -127,4 +151,6 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
                       skipped=sum(len(r.skipped) for r in writer.finished),
                       seconds=seconds,
                       images_per_s=(rows - first_rows) / seconds if seconds > 0 and rows > first_rows else None,
-                      input_wait_s=batches.waited, model_loaded=True, unreadable=writer.unreadable)
+                      input_wait_s=batches.waited, model_loaded=True,
+                      unreadable=[Unreadable(unit=i, source=name_text(by_index[i].source), detail=skip.detail)
+                                  for i, skip in unreadable.items()])

@@ -1,9 +1,17 @@
 """`eva-open-clip models`: the registered EVA-CLIP models, their tags and hub files, and what is cached."""
 from __future__ import annotations
 
+import argparse
+import json
+
+from eva_open_clip.cli.options import add_register_option
 from eva_open_clip.hub import cached_file
 from eva_open_clip.registry import BUILTIN_MODELS, get_eva_model, list_eva_models
 
+HELP = 'list the EVA-CLIP models, their tags and hub files, and what is cached'
+DESCRIPTION = ('The registered EVA-CLIP models (with --register, custom ones too): name, pretrained tag, parameters, '
+               'the released file on the Hugging Face hub and its size, and whether that file is in the local hub '
+               "cache (where a tag's download puts it). Nothing is downloaded.")
 COLUMNS = ('model', 'tag', 'params', 'hub_file', 'file_size', 'cached')
 
 
@@ -40,3 +48,14 @@ def format_models(rows: list[dict]) -> str:
     lines.append('Use a name with --model NAME (the tag downloads its file once, or give --pretrained FILE); '
                  'a custom config: --register NAME=CONFIG.json --model NAME.')
     return '\n'.join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--json', action='store_true', help="print JSON, with the cached file's path")
+    add_register_option(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = model_rows()
+    print(json.dumps(rows, indent=2) if args.json else format_models(rows))
+    return 0

@@ -1,6 +1,7 @@
 """`eva-open-clip run`: run an existing tool (a module or a script) with the EVA models registered."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import runpy
 import sys
@@ -10,14 +11,15 @@ from typing import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from eva_open_clip.cli.checks import REGISTER_FORM, register_option
+from eva_open_clip.cli.options import REGISTER_FORM, register, register_option
 from eva_open_clip.errors import UsageError
 
-RUN_USAGE = 'eva-open-clip run [--register NAME=CONFIG.json ...] (-m MODULE | SCRIPT) [ARGS ...]'
-RUN_DESCRIPTION = ('Like `python -m MODULE ARGS` (or `python SCRIPT ARGS`), after registering the EVA models, e.g. '
-                   '`eva-open-clip run -m open_clip_train.main --model EVA_CLIP_g_14 ...`. --register '
-                   'NAME=CONFIG.json (repeatable) also registers a custom EVA-CLIP config. Arguments and exit '
-                   'codes pass through untouched.')
+HELP = 'run a module or script with the EVA models registered'
+USAGE = 'eva-open-clip run [--register NAME=CONFIG.json ...] (-m MODULE | SCRIPT) [ARGS ...]'
+DESCRIPTION = ('Like `python -m MODULE ARGS` (or `python SCRIPT ARGS`), after registering the EVA models, e.g. '
+               '`eva-open-clip run -m open_clip_train.main --model EVA_CLIP_g_14 ...`. --register '
+               'NAME=CONFIG.json (repeatable) also registers a custom EVA-CLIP config. Arguments and exit '
+               'codes pass through untouched.')
 
 
 class _CpuDeviceIdsDDP(DistributedDataParallel):
@@ -31,6 +33,11 @@ class _CpuDeviceIdsDDP(DistributedDataParallel):
         if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
             device_ids, output_device = None, None
         super().__init__(module, device_ids, output_device, *args, **kwargs)
+
+
+def help_parser() -> argparse.ArgumentParser:
+    """The parser that only prints `run`'s help: its arguments are the target's, never parsed here."""
+    return argparse.ArgumentParser(prog='eva-open-clip run', usage=USAGE, description=DESCRIPTION, add_help=False)
 
 
 def split_run_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -52,7 +59,7 @@ def split_run_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         if not Path(argv[0]).is_file():
             raise UsageError(f'{argv[0]}: no such script')
     else:
-        raise UsageError(f'give -m MODULE or a SCRIPT to run (usage: {RUN_USAGE})')
+        raise UsageError(f'give -m MODULE or a SCRIPT to run (usage: {USAGE})')
     return registrations, argv
 
 
@@ -68,3 +75,13 @@ def run_target(argv: Sequence[str]) -> None:
     else:
         sys.argv = list(argv)
         runpy.run_path(argv[0], run_name='__main__')
+
+
+def prepare(argv: list[str]) -> list[str] | None:
+    """The target and its arguments, with the `--register` models registered; None after printing the help."""
+    if argv in (['-h'], ['--help']):
+        help_parser().print_help()
+        return None
+    registrations, target = split_run_args(argv)
+    register(registrations)
+    return target

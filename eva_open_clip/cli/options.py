@@ -1,0 +1,43 @@
+"""The options several commands share: the model options and `--register NAME=CONFIG.json`."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from eva_open_clip.errors import UsageError
+
+REGISTER_FORM = 'NAME=CONFIG.json'
+PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16')
+
+
+def register_option(text: str) -> tuple[str, str]:
+    """(name, config path) of a `--register NAME=CONFIG.json` value."""
+    name, sep, config = text.partition('=')
+    if not (sep and name and config):
+        raise UsageError(f'--register takes {REGISTER_FORM}, got {text!r}')
+    return name, config
+
+
+def register(registrations: Sequence[str] | None) -> None:
+    """Register each `--register NAME=CONFIG.json` (a ConfigError is exit status 2)."""
+    from eva_open_clip.registry import register_eva_model
+    for text in registrations or ():
+        register_eva_model(*register_option(text))
+
+
+def add_register_option(parser) -> None:
+    parser.add_argument('--register', action='append', default=None, metavar=REGISTER_FORM,
+                        help='register a custom EVA-CLIP config as model NAME (repeatable), e.g. '
+                             '--register tiny=tiny.json --model tiny')
+
+
+def add_model_options(parser: argparse.ArgumentParser, precision_help: str = '(default: %(default)s)',
+                      precision_default: str | None = 'fp32') -> None:
+    group = parser.add_argument_group('model')
+    group.add_argument('--model', default='EVA_CLIP_g_14',
+                       help='model name (default: %(default)s; `eva-open-clip models` lists the EVA-CLIP ones)')
+    group.add_argument('--pretrained', default=None,
+                       help="checkpoint path or pretrained tag (default: the model's hub tag, downloaded once)")
+    group.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
+    group.add_argument('--precision', default=precision_default, choices=PRECISIONS, help=precision_help)
+    add_register_option(group)

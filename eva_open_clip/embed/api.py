@@ -1,0 +1,129 @@
+"""`embed`: the embedding tool as one call, the same from a notebook as from `eva-open-clip embed`.
+
+Its arguments are checked before anything heavy is imported or any input is listed; then the job runs on
+this process, or on each rank of a torchrun launch (the process group started and stopped here), stopping
+cleanly on SIGTERM and SIGINT (`Interrupted`, leaving an output folder resumable). What it did is said on
+standard error at the end; a job that could not embed everything it was given raises a `ToolError` after
+saying it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from eva_open_clip.embed.defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
+from eva_open_clip.embed.options import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_PART_SIZE, EmbedOptions
+from eva_open_clip.embed.signals import Interrupted, stop_on_signals
+from eva_open_clip.errors import ToolError, param
+
+
+@dataclass
+class EmbedResult:
+    """What a job wrote: its output, the rows there, the samples skipped by reason, and (folder output) the
+    folder's summary (`summary.json`)."""
+
+    out: Path
+    rows: int
+    skipped_by_reason: dict[str, int]
+    summary: object | None = None
+
+
+def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), *, out: str | os.PathLike,
+          model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None,
+          precision: str = 'fp32', batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
+          captions: bool = False, files_from: str | None = None, text_file: str | None = None,
+          part_size: int = DEFAULT_PART_SIZE, image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
+          max_image_pixels: int = MAX_IMAGE_PIXELS, max_resized_pixels: int = MAX_RESIZED_PIXELS,
+          progress_interval: float | None = None, quiet: bool = False) -> EmbedResult | None:
+    """Embed image files, folders, `files_from` lists and webdataset tar shards (paths, globs, brace patterns,
+    URLs), or the lines of `text_file`, into `out`: a folder (resumable; see docs/embed-folder.md) or one
+    FILE.npy with FILE.paths.txt. Returns what was written (None on the ranks other than 0 of a torchrun job).
+
+    The arguments are those of `eva-open-clip embed` (docs/command-line.md), named as its options are.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    options = EmbedOptions(
+        inputs=tuple(map(str, inputs)), out=str(out), model=model, pretrained=pretrained, device=device,
+        precision=precision, batch_size=batch_size, workers=workers, captions=captions,
+        files_from=None if files_from is None else str(files_from),
+        text_file=None if text_file is None else str(text_file), part_size=part_size, image_keys=tuple(image_keys),
+        caption_key=caption_key, max_image_pixels=max_image_pixels, max_resized_pixels=max_resized_pixels,
+        progress_interval=progress_interval, quiet=quiet)
+    options.check()
+    with stop_on_signals():
+        return _to_npy(options) if options.to_npy else _to_folder(options)
+
+
+def _workers(options: EmbedOptions) -> int:
+    from eva_open_clip.embed.loader import default_workers
+    return default_workers(options.ranks.local_world_size) if options.workers is None else options.workers
+
+
+def _loader(options: EmbedOptions, device: str | None):
+    from eva_open_clip.embed.encoder import load_encoder
+    return lambda: load_encoder(options.model, options.pretrained, device, options.precision)
+
+
+def _to_npy(options: EmbedOptions) -> EmbedResult:
+    from eva_open_clip.embed.decode import PixelLimits
+    from eva_open_clip.embed.npy_job import embed_to_npy
+    from eva_open_clip.embed.progress import plural
+    from eva_open_clip.embed.report import reasons_of, skipped_text, warn_skipped
+    from eva_open_clip.embed.store.npy_file import paths_file
+    rows, skipped = embed_to_npy(
+        _loader(options, options.device), options.inputs, options.out, batch_size=options.batch_size,
+        text_file=options.text_file, files_from=options.files_from, workers=_workers(options),
+        image_keys=options.image_keys, limits=PixelLimits(options.max_image_pixels, options.max_resized_pixels),
+        quiet=options.quiet, progress_interval=options.progress_interval)
+    warn_skipped(skipped)
+    reasons = reasons_of(skipped)
+    out = Path(options.out)
+    print(f'embedded {plural(rows, "sample")} into {out} and {paths_file(out)} ({skipped_text(reasons)})',
+          file=sys.stderr)
+    return EmbedResult(out, rows, reasons)
+
+
+def _to_folder(options: EmbedOptions) -> EmbedResult | None:
+    """The folder layout, on one process or on every rank of a torchrun/srun launch."""
+    from eva_open_clip.embed.folder_job import embed_folder
+    from eva_open_clip.embed.progress import plural
+    from eva_open_clip.embed.report import rate_text, skipped_text
+    from eva_open_clip.embed.store.folder import FolderSettings, done_count
+    from eva_open_clip.embed.units import read_units
+    ranks, out = options.ranks, Path(options.out)
+    settings = FolderSettings(
+        model=options.model, pretrained=options.pretrained, precision=options.precision,
+        part_size=options.part_size, captions=options.captions, image_keys=list(options.image_keys),
+        caption_key=options.caption_key, max_image_pixels=options.max_image_pixels,
+        max_resized_pixels=options.max_resized_pixels)
+    with ranks.process_group(options.device) as device:
+        try:
+            summary = embed_folder(_loader(options, device), settings, options.inputs, options.files_from, out,
+                                   _workers(options), options.batch_size, ranks,
+                                   progress_interval=options.progress_interval, quiet=options.quiet)
+        except Interrupted as e:
+            if ranks.rank != 0:
+                raise Interrupted(e.signum, '') from None
+            units = read_units(out) or []
+            raise Interrupted(e.signum, f'interrupted after {done_count(out) if units else 0} of '
+                                        f'{plural(len(units), "unit")}; run the same command to resume') from None
+    if summary is None:
+        return None
+    print(f"embedded {plural(summary.rows, 'sample')} of {plural(summary.units, 'unit')} into {out} "
+          f"({skipped_text(summary.skipped_by_reason)}); this run: "
+          f"{plural(sum(r.rows for r in summary.ranks), 'sample')} on {plural(ranks.world_size, 'rank')}"
+          f"{rate_text(summary.ranks)}", file=sys.stderr)
+    unreadable = [u for r in summary.ranks for u in r.unreadable]
+    if unreadable:
+        raise ToolError(f"{plural(len(unreadable), 'shard')} could not be read, e.g. {unreadable[0].source}: "
+                        f"{unreadable[0].detail}; they are not marked done: run the same command to try them again")
+    if summary.rows == 0:
+        raise ToolError('no sample could be embedded' + (
+            f" ({skipped_text(summary.skipped_by_reason)}; check {param('image_keys', flag='image_key')} and "
+            f"{param('caption_key')})"
+            if summary.skipped else ''))
+    return EmbedResult(out, summary.rows, summary.skipped_by_reason, summary)

@@ -1,0 +1,49 @@
+"""The devices the tools run on: the default one, a device checked before any work, and a torchrun rank's."""
+from __future__ import annotations
+
+import torch
+
+from eva_open_clip.errors import UsageError, param
+
+
+def default_device() -> str:
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def check_device(device: str | None) -> None:
+    """A device that torch cannot use here is refused, saying why."""
+    if device is None:
+        return
+    named = param('device', device)
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f'{named}: not a torch device; give cpu, cuda, cuda:N or mps') from None
+    if kind.type == 'cpu':
+        return
+    if kind.type == 'cuda':
+        if not torch.cuda.is_available():
+            why = (f'this torch ({torch.__version__}) is built without CUDA' if torch.version.cuda is None
+                   else 'torch finds no CUDA GPU or driver on this machine')
+            raise UsageError(f"{named}: {why}; give {param('device', 'cpu')}")
+        count = torch.cuda.device_count()
+        if kind.index is not None and kind.index >= count:
+            raise UsageError(f'{named}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}')
+        return
+    if kind.type == 'mps':
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"{named}: MPS is not available on this machine; give {param('device', 'cpu')}")
+        return
+    raise UsageError(f'{named}: this tool runs on cpu, cuda, cuda:N or mps')
+
+
+def rank_device(device: str | None, local_rank: int, local_world_size: int, cuda: bool) -> str | None:
+    """The device of one torchrun rank: `cuda` (or none given, with CUDA present) means cuda:LOCAL_RANK."""
+    if device is None:
+        return f'cuda:{local_rank}' if cuda else None
+    if device == 'cuda':
+        return f'cuda:{local_rank}'
+    if device.startswith('cuda:') and local_world_size > 1:
+        raise UsageError(f"{param('device', device)} would put all {local_world_size} ranks of this node on one "
+                         f"GPU: give {param('device', 'cuda')} (each rank takes cuda:LOCAL_RANK)")
+    return device
