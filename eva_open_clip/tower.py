@@ -13,13 +13,13 @@ from functools import partial
 from typing import Any, Callable
 
 import timm
-import torch
 from timm.layers import RmsNorm
 from timm.models import build_model_with_cfg, get_pretrained_cfg, is_model, register_model
 from timm.models.eva import Eva
 from torch import nn
 
 from . import versions
+from .empty_build import empty_build
 
 _ENTRYPOINTS: dict[str, Callable[..., Eva]] = {}  # every timm entry point this package made (timm keeps them)
 _ARCHS: dict[str, dict[str, Any]] = {}  # the registered towers' arguments, read when timm builds one
@@ -88,14 +88,14 @@ def _signature(model: Eva) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _stock_signature(name: str, num_classes: int, global_pool: str) -> tuple:
-    with torch.device('meta'):
+    with empty_build('meta'):  # no memory for weights (older timm computes while building: not torch.device('meta'))
         return _signature(timm.create_model(name, pretrained=False, num_classes=num_classes, global_pool=global_pool))
 
 
 @functools.lru_cache(maxsize=None)
 def _stock_name(arguments: str) -> str | None:
     kwargs = json.loads(arguments)
-    with torch.device('meta'):
+    with empty_build('meta'):
         ours = _signature(build_eva('stock-probe', kwargs))
     for name in timm.list_models(f"eva*_patch{kwargs['patch_size']}_*"):  # timm names its EVA models so
         cfg = get_pretrained_cfg(name)
