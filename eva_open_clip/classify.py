@@ -58,16 +58,16 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def classify(images: Sequence[str | os.PathLike] = (), labels: Sequence[str] = README_LABELS, *,
              model: str = 'EVA_CLIP_g_14', pretrained: str | None = None, device: str | None = None,
-             precision: str = 'fp32', template: str = '{}', top_k: int | None = None,
-             batch_size: int = 16) -> list[dict]:
+             precision: str | None = None, template: str = '{}', top_k: int | None = None,
+             batch_size: int = 16, compile: bool = False) -> list[dict]:
     """[{"image": path, "labels": [{"label", "prob"}, ...]}] for image files and folders (the bundled CLIP
     diagram when none are given), most probable first.
 
     Probabilities are softmax(logit_scale.exp() * cosine similarity) over the labels. Images that cannot
     be decoded are named in a warning; when none can be, it is a `ToolError`. Every argument is checked
-    before the model is loaded.
+    before the model is loaded. `precision` is the device's default when not given (`devices.defaults_for`).
     """
-    from eva_open_clip.embed.devices import check_device
+    from eva_open_clip.embed.devices import check_device, device_defaults
     from eva_open_clip.loading import check_model, resolve_pretrained
     check_template(template)
     if top_k is not None and top_k < 1:
@@ -81,7 +81,8 @@ def classify(images: Sequence[str | os.PathLike] = (), labels: Sequence[str] = R
     if not paths:
         raise UsageError('no images given')
     from eva_open_clip.embed.encoder import load_encoder
-    encoder = load_encoder(model, pretrained, device, precision)
+    encoder = load_encoder(model, pretrained, device, precision or device_defaults(device).precision, compile,
+                           batch_size)
     text = encoder.texts([template.format(label) for label in labels])
     scale = encoder.logit_scale()
     k = min(top_k or len(labels), len(labels))

@@ -61,6 +61,8 @@ def _version_text(version: tuple[int, ...]) -> str:
     return '.'.join(map(str, version))
 
 
+# torch's DataLoader hands batches over as workers finish them (`in_order=False`) from torch 2.6
+DATALOADER_IN_ORDER = at_least(TORCH, (2, 6))
 # open_clip's trainer module: shipped as `training` before open_clip_torch 2.26
 TRAINER_MODULE = 'open_clip_train.main' if open_clip_at_least((2, 26)) else 'training.main'
 # create_model arguments that older open_clip releases lack, with the release that added them

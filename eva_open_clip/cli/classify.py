@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f'--labels took {swallowed[0]}, a file, for a label: give the images before --labels '
                          f'(classify {swallowed[0]} --labels ...)')
     results = classify(args.images, labels or README_LABELS, model=args.model, pretrained=args.pretrained,
-                       device=args.device, precision=args.precision, template=args.template, top_k=args.top_k)
+                       device=args.device, precision=args.precision, template=args.template, top_k=args.top_k,
+                       compile=args.compile)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0

@@ -5,7 +5,7 @@ import argparse
 
 from eva_open_clip.cli.options import add_model_options
 from eva_open_clip.embed.defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
-from eva_open_clip.embed.options import DEFAULT_BATCH_SIZE, DEFAULT_PART_SIZE
+from eva_open_clip.embed.options import DECODE_MODES, DEFAULT_PART_SIZE
 
 HELP = 'L2-normalized features of images, image-text pairs or text lines'
 DESCRIPTION = ('Embed image files, folders (recursively, in path order), --files-from lists and webdataset tar shards '
@@ -23,8 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--captions', action='store_true', help="also embed each sample's caption (folder output)")
     parser.add_argument('--files-from', default=None, help='a file with one image path per line')
     parser.add_argument('--workers', type=int, default=None,
-                        help='DataLoader workers decoding images (default: the available cores, per rank)')
-    parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE, help='(default: %(default)s)')
+                        help='DataLoader workers decoding images (default: the available cores, per rank; less two '
+                             'on a GPU, for the main process and its pinning thread)')
+    parser.add_argument('--batch-size', type=int, default=None, help='(default: 256 on a GPU, 32 on the CPU)')
+    parser.add_argument('--decode', default=None, choices=DECODE_MODES,
+                        help="exact: open_clip's own preprocessing; fast: JPEGs decoded at reduced scale (never below "
+                             "twice the model's size) and resized in torch, a few pixel levels and about 1e-3 of a "
+                             'feature away (default: fast on a GPU, exact on the CPU; a resumed folder keeps its own)')
     parser.add_argument('--part-size', type=int, default=DEFAULT_PART_SIZE,
                         help='rows per output part in a folder (default: %(default)s)')
     parser.add_argument('--image-key', default=','.join(IMAGE_KEYS),
@@ -47,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from eva_open_clip.embed import embed
     embed(args.inputs, out=args.out, model=args.model, pretrained=args.pretrained, device=args.device,
-          precision=args.precision, batch_size=args.batch_size, workers=args.workers, captions=args.captions,
+          precision=args.precision, batch_size=args.batch_size, decode=args.decode, compile=args.compile,
+          workers=args.workers, captions=args.captions,
           files_from=args.files_from, text_file=args.text_file, part_size=args.part_size,
           image_keys=args.image_key.split(','), caption_key=args.caption_key, max_image_pixels=args.max_image_pixels,
           max_resized_pixels=args.max_resized_pixels, progress_interval=args.progress_interval, quiet=args.quiet)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from eva_open_clip.embed.defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
-from eva_open_clip.embed.options import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, DEFAULT_PART_SIZE, EmbedOptions
+from eva_open_clip.embed.options import DEFAULT_MODEL, DEFAULT_PART_SIZE, EmbedOptions
+from eva_open_clip.embed.progress import plural
 from eva_open_clip.embed.signals import Interrupted, stop_on_signals
 from eva_open_clip.errors import ToolError, param
 
@@ -33,8 +34,9 @@ class EmbedResult:
 
 def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), *, out: str | os.PathLike,
           model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None,
-          precision: str = 'fp32', batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-          captions: bool = False, files_from: str | None = None, text_file: str | None = None,
+          precision: str | None = None, batch_size: int | None = None, decode: str | None = None,
+          compile: bool = False, workers: int | None = None, captions: bool = False,
+          files_from: str | None = None, text_file: str | None = None,
           part_size: int = DEFAULT_PART_SIZE, image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
           max_image_pixels: int = MAX_IMAGE_PIXELS, max_resized_pixels: int = MAX_RESIZED_PIXELS,
           progress_interval: float | None = None, quiet: bool = False) -> EmbedResult | None:
@@ -43,12 +45,16 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), *, out: 
     FILE.npy with FILE.paths.txt. Returns what was written (None on the ranks other than 0 of a torchrun job).
 
     The arguments are those of `eva-open-clip embed` (docs/command-line.md), named as its options are.
+    `precision`, `batch_size` and `decode` left as None are the device's defaults (bf16, 256 and fast on a
+    GPU; fp32, 32 and exact on the CPU), except that a folder resumed keeps the precision and decoding its
+    rows were made with.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     options = EmbedOptions(
         inputs=tuple(map(str, inputs)), out=str(out), model=model, pretrained=pretrained, device=device,
-        precision=precision, batch_size=batch_size, workers=workers, captions=captions,
+        precision=precision, batch_size=batch_size, decode=decode, compile=compile, workers=workers,
+        captions=captions,
         files_from=None if files_from is None else str(files_from),
         text_file=None if text_file is None else str(text_file), part_size=part_size, image_keys=tuple(image_keys),
         caption_key=caption_key, max_image_pixels=max_image_pixels, max_resized_pixels=max_resized_pixels,
@@ -58,25 +64,67 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), *, out: 
         return _to_npy(options) if options.to_npy else _to_folder(options)
 
 
-def _workers(options: EmbedOptions) -> int:
+@dataclass(frozen=True)
+class _Run:
+    """How this run works: the options, with the device's defaults (or the folder's settings) where not given."""
+
+    device: str
+    precision: str
+    batch_size: int
+    decode: str
+    workers: int
+
+
+def _run(options: EmbedOptions, device: str | None, recorded: dict | None = None) -> _Run:
+    """The run's settings, said in one line (on rank 0, unless quiet)."""
+    from eva_open_clip.embed.devices import default_device, device_defaults
     from eva_open_clip.embed.loader import default_workers
-    return default_workers(options.ranks.local_world_size) if options.workers is None else options.workers
+    device = device or default_device()
+    defaults = device_defaults(device)
+    said = []
+
+    def chosen(name: str, default):
+        given = getattr(options, name)
+        if given is not None:
+            said.append(f'{name} {given}')
+            return given
+        if recorded is not None and name in recorded:
+            said.append(f'{name} {recorded[name]} (as {options.out} was made)')
+            return recorded[name]
+        said.append(f'{name} {default} (the default on {defaults.why})')
+        return default
+
+    run = _Run(device, chosen('precision', defaults.precision), chosen('batch_size', defaults.batch_size),
+               chosen('decode', defaults.decode),
+               default_workers(options.ranks.local_world_size, _device_type(device)) if options.workers is None
+               else options.workers)
+    if options.ranks.rank == 0 and not options.quiet:
+        compiled = ', compiled' if options.compile else ''
+        print(f"embedding with {options.model} on {device}: {', '.join(said)}, {plural(run.workers, 'worker')}"
+              f'{compiled}', file=sys.stderr)
+    return run
 
 
-def _loader(options: EmbedOptions, device: str | None):
+def _device_type(device: str) -> str:
+    import torch
+    return torch.device(device).type
+
+
+def _loader(options: EmbedOptions, run: _Run):
     from eva_open_clip.embed.encoder import load_encoder
-    return lambda: load_encoder(options.model, options.pretrained, device, options.precision)
+    return lambda: load_encoder(options.model, options.pretrained, run.device, run.precision, options.compile,
+                                run.batch_size)
 
 
 def _to_npy(options: EmbedOptions) -> EmbedResult:
     from eva_open_clip.embed.decode import PixelLimits
     from eva_open_clip.embed.npy_job import embed_to_npy
-    from eva_open_clip.embed.progress import plural
     from eva_open_clip.embed.report import reasons_of, skipped_text, warn_skipped
     from eva_open_clip.embed.store.npy_file import paths_file
+    run = _run(options, options.device)
     rows, skipped = embed_to_npy(
-        _loader(options, options.device), options.inputs, options.out, batch_size=options.batch_size,
-        text_file=options.text_file, files_from=options.files_from, workers=_workers(options),
+        _loader(options, run), options.inputs, options.out, batch_size=run.batch_size, decode=run.decode,
+        text_file=options.text_file, files_from=options.files_from, workers=run.workers,
         image_keys=options.image_keys, limits=PixelLimits(options.max_image_pixels, options.max_resized_pixels),
         quiet=options.quiet, progress_interval=options.progress_interval)
     warn_skipped(skipped)
@@ -90,20 +138,20 @@ def _to_npy(options: EmbedOptions) -> EmbedResult:
 def _to_folder(options: EmbedOptions) -> EmbedResult | None:
     """The folder layout, on one process or on every rank of a torchrun/srun launch."""
     from eva_open_clip.embed.folder_job import embed_folder
-    from eva_open_clip.embed.progress import plural
     from eva_open_clip.embed.report import rate_text, skipped_text
-    from eva_open_clip.embed.store.folder import FolderSettings, done_count
+    from eva_open_clip.embed.store.folder import FolderSettings, done_count, recorded_settings
     from eva_open_clip.embed.units import read_units
     ranks, out = options.ranks, Path(options.out)
-    settings = FolderSettings(
-        model=options.model, pretrained=options.pretrained, precision=options.precision,
-        part_size=options.part_size, captions=options.captions, image_keys=list(options.image_keys),
-        caption_key=options.caption_key, max_image_pixels=options.max_image_pixels,
-        max_resized_pixels=options.max_resized_pixels)
     with ranks.process_group(options.device) as device:
+        run = _run(options, device, recorded_settings(out))
+        settings = FolderSettings(
+            model=options.model, pretrained=options.pretrained, precision=run.precision, decode=run.decode,
+            part_size=options.part_size, captions=options.captions, image_keys=list(options.image_keys),
+            caption_key=options.caption_key, max_image_pixels=options.max_image_pixels,
+            max_resized_pixels=options.max_resized_pixels)
         try:
-            summary = embed_folder(_loader(options, device), settings, options.inputs, options.files_from, out,
-                                   _workers(options), options.batch_size, ranks,
+            summary = embed_folder(_loader(options, run), settings, options.inputs, options.files_from, out,
+                                   run.workers, run.batch_size, ranks,
                                    progress_interval=options.progress_interval, quiet=options.quiet)
         except Interrupted as e:
             if ranks.rank != 0:

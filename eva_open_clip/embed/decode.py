@@ -1,10 +1,11 @@
 """Decoding a sample's image and caption: bounded pixels (judged from the header), 8-bit channels, text."""
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -61,11 +62,12 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray((values >> 8).astype(np.uint8))
 
 
-def open_image(source: Any, limits: PixelLimits | None = None) -> Image.Image:
-    """The decoded image of a path or of an image file's bytes, with 8-bit channels (raises on failure).
+@contextlib.contextmanager
+def opened(source: Any, limits: PixelLimits | None = None) -> Iterator[Image.Image]:
+    """The image of a path or of an image file's bytes, opened but not decoded (raises on failure).
 
-    With `limits`, an image over them raises `ImageRefused` before its pixels are decoded (and PIL's
-    own decompression-bomb guard, which they replace, is off).
+    With `limits`, an image over them raises `ImageRefused` before its pixels are decoded (and PIL's own
+    decompression-bomb guard, which they replace, is off while it is open).
     """
     saved = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings():
@@ -76,10 +78,17 @@ def open_image(source: Any, limits: PixelLimits | None = None) -> Image.Image:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 if limits is not None:
                     limits.check(*image.size)
-                image.load()
-                return _eight_bit(image)
+                yield image
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(source: Any, limits: PixelLimits | None = None) -> Image.Image:
+    """The decoded image of a path or of an image file's bytes, with 8-bit channels (raises on failure; see
+    `opened` for `limits`)."""
+    with opened(source, limits) as image:
+        image.load()
+        return _eight_bit(image)
 
 
 def caption_text(caption: Any) -> str | Skip:

@@ -1,5 +1,8 @@
-"""The devices the tools run on: the default one, a device checked before any work, and a torchrun rank's."""
+"""The devices the tools run on: the default one, a device checked before any work, a torchrun rank's, and what a
+run uses on each where its user did not say (`defaults_for`)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -47,3 +50,32 @@ def rank_device(device: str | None, local_rank: int, local_world_size: int, cuda
         raise UsageError(f"{param('device', device)} would put all {local_world_size} ranks of this node on one "
                          f"GPU: give {param('device', 'cuda')} (each rank takes cuda:LOCAL_RANK)")
     return device
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a run uses where its user did not say: the fast, correct path for its device."""
+
+    precision: str
+    batch_size: int
+    decode: str
+    why: str  # what they are the defaults of, for the line a run starts with
+
+
+GPU_BATCH_SIZE = 256
+CPU_BATCH_SIZE = 32
+
+
+def defaults_for(device_type: str, bf16: bool = True) -> Defaults:
+    """A GPU: bf16 weights and compute (fp16 where the GPU has no bf16), batches of 256, JPEGs decoded the fast
+    way so that decoding keeps up. Elsewhere (the CPU, where the model is the bottleneck; MPS): fp32, batches
+    of 32, open_clip's own decoding."""
+    if device_type == 'cuda':
+        return Defaults('bf16' if bf16 else 'fp16', GPU_BATCH_SIZE, 'fast', 'a GPU')
+    return Defaults('fp32', CPU_BATCH_SIZE, 'exact', 'the CPU' if device_type == 'cpu' else device_type)
+
+
+def device_defaults(device: str | None) -> Defaults:
+    """The defaults of `device` (the default device when None) on this machine."""
+    kind = torch.device(device or default_device()).type
+    return defaults_for(kind, kind != 'cuda' or torch.cuda.is_bf16_supported())

@@ -3,15 +3,18 @@
 One job at a time writes a folder (its lock, held by rank 0 for the whole job). Before the model is
 loaded, rank 0 opens the folder (`store.folder.open_folder`) and lists the job's units
 (`units.plan_units`); every rank then takes
-every WORLD_SIZE-th unit that is not done, decodes it in DataLoader workers (`loader`) and writes its
-parts (`folder.FolderWriter`), so the parts are the same whatever the number of ranks and workers. At
+every WORLD_SIZE-th unit that is not done, decodes it in DataLoader workers (`loader`), encodes it
+(`encoder.encoded`) and writes its parts (`store.folder.FolderWriter`, on a thread of its own), so the parts
+are the same whatever the number of ranks and workers. At
 the end rank 0 conforms the metadata parts and writes `summary.json`. A run that stops for any reason
 is resumed by running the same command again.
 """
 from __future__ import annotations
 
 import json
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,6 +23,7 @@ from eva_open_clip.durable import write_text
 from eva_open_clip.embed.decode import PixelLimits
 from eva_open_clip.embed.encoder import Encoder
 from eva_open_clip.embed.loader import DecodedBatches, UnitDataset, shm_prefetch
+from eva_open_clip.embed.pixels import Pixels
 from eva_open_clip.embed.progress import Progress
 from eva_open_clip.embed.ranks import Ranks
 from eva_open_clip.embed.skips import UNREADABLE, Skip
@@ -104,20 +108,54 @@ def _wait_for_ranks(out: Path, world_size: int) -> list[RankCounts]:
     return [RankCounts.from_json(json.loads(p.read_text())) for p in paths]
 
 
-def _image_bytes(encoder: Encoder) -> int:
-    """The bytes of one preprocessed image."""
-    from PIL import Image
-    pixels = encoder.preprocess(Image.new('RGB', (8, 8)))
-    return pixels.numel() * pixels.element_size()
+class _InBackground:
+    """Calls to `target` run in order on one thread, so that the encoding loop never waits for them (a part's
+    writes and fsyncs); the first failure there is raised at the loop's next call, or by `close`. The calls are
+    a unit's rows and then its end, so a kill at any moment leaves what a kill of the loop itself would."""
+
+    def __init__(self, target: object, depth: int = 8):
+        self.target, self.error, self.stopping = target, None, False
+        self.calls: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._work, name='part-writer', daemon=True)
+        self.thread.start()
+
+    def call(self, name: str, *args) -> None:
+        self._raise()
+        self.calls.put((name, args))
+
+    def close(self) -> None:
+        """Wait for every call made; raise the first failure."""
+        self.calls.put(None)
+        self.thread.join()
+        self._raise()
+
+    def abandon(self) -> None:
+        """Stop after the call under way: the units not finished are redone by the next run."""
+        self.stopping = True
+        self.calls.put(None)
+        self.thread.join()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _work(self) -> None:
+        while (call := self.calls.get()) is not None:
+            if self.error is None and not self.stopping:
+                try:
+                    getattr(self.target, call[0])(*call[1])
+                except BaseException as e:  # raised in the encoding loop, where it stops the job
+                    self.error = e
 
 
 def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list[Unit], out: Path,
                  workers: int, batch_size: int, progress: Progress, rank: int) -> RankCounts:
     encoder = load_encoder()
-    writer = FolderWriter(out, settings, batch_size)
+    folder = FolderWriter(out, settings, batch_size)
     by_index = {u.index: u for u in units}
     unreadable: dict[int, Skip] = {}  # units whose shard could not be read: not done, redone by the next run
-    dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=settings.image_keys,
+    pixels = Pixels(encoder.preprocess, settings.decode)
+    dataset = UnitDataset(units, pixels, batch_size, image_keys=settings.image_keys,
                           caption_key=settings.caption_key if settings.captions else None,
                           tokenizer=encoder.tokenizer if settings.captions else None,
                           limits=PixelLimits(settings.max_image_pixels, settings.max_resized_pixels))
@@ -125,30 +163,31 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     first_rows = 0
     workers = min(workers, len(units))  # each worker decodes whole units: more would only start and wait
     batches = DecodedBatches(dataset, workers, encoder.device_type,
-                             shm_prefetch(workers, batch_size * _image_bytes(encoder)))
-    for batch in batches:
-        image = text = None
-        if batch.pixels is not None:
-            image = encoder.encode_pixels(batch.pixels).numpy()
-            if batch.tokens is not None:
-                text = encoder.encode_tokens(batch.tokens).numpy()
-        writer.add(batch.unit, batch.keys, image, text, batch.captions, batch.metas, batch.skipped)
-        failed = next((s for s in batch.skipped if s.reason == UNREADABLE), None)
-        if failed is not None:
-            unreadable[batch.unit] = failed
-        if batch.end:
-            unit = by_index[batch.unit]
-            if batch.unit in unreadable:
-                writer.discard_unit(batch.unit)
-            else:
-                writer.finish_unit(batch.unit, unit.source, unit.identity())
-        progress.update(len(batch.keys))
-        if first is None and batch.keys:
-            first, first_rows = time.perf_counter(), len(batch.keys)
-    rows = sum(r.rows for r in writer.finished)
+                             shm_prefetch(workers, batch_size * pixels.sample_bytes()))
+    writer = _InBackground(folder)
+    try:
+        for batch, image, text in encoder.encoded(batches):
+            writer.call('add', batch.unit, batch.keys, image, text, batch.captions, batch.metas, batch.skipped)
+            failed = next((s for s in batch.skipped if s.reason == UNREADABLE), None)
+            if failed is not None:
+                unreadable[batch.unit] = failed
+            if batch.end:
+                unit = by_index[batch.unit]
+                if batch.unit in unreadable:
+                    writer.call('discard_unit', batch.unit)
+                else:
+                    writer.call('finish_unit', batch.unit, unit.source, unit.identity())
+            progress.update(len(batch.keys))
+            if first is None and batch.keys:
+                first, first_rows = time.perf_counter(), len(batch.keys)
+        writer.close()
+    except BaseException:
+        writer.abandon()
+        raise
+    rows = sum(r.rows for r in folder.finished)
     seconds = time.perf_counter() - first if first is not None else 0.0
-    return RankCounts(rank=rank, units=len(writer.finished), rows=rows,
-                      skipped=sum(len(r.skipped) for r in writer.finished),
+    return RankCounts(rank=rank, units=len(folder.finished), rows=rows,
+                      skipped=sum(len(r.skipped) for r in folder.finished),
                       seconds=seconds,
                       images_per_s=(rows - first_rows) / seconds if seconds > 0 and rows > first_rows else None,
                       input_wait_s=batches.waited, model_loaded=True,

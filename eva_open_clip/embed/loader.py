@@ -16,8 +16,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from eva_open_clip.embed.decode import ImageRefused, PixelLimits, caption_text, open_image
+from eva_open_clip import versions
+from eva_open_clip.embed.decode import ImageRefused, PixelLimits, caption_text
 from eva_open_clip.embed.defaults import IMAGE_KEYS
+from eva_open_clip.embed.pixels import Pixels
 from eva_open_clip.embed.ranks import Ranks
 from eva_open_clip.embed.samples import unit_samples
 from eva_open_clip.embed.skips import Reason, Sample, Skip
@@ -70,12 +72,12 @@ class UnitDataset(torch.utils.data.IterableDataset):
     sample carries raises out of a worker.
     """
 
-    def __init__(self, units: Sequence[Unit], preprocess: Callable, batch_size: int,
+    def __init__(self, units: Sequence[Unit], pixels: Pixels, batch_size: int,
                  image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str | None = None,
                  tokenizer: Callable | None = None, limits: PixelLimits | None = None):
-        self.units, self.preprocess, self.batch_size = list(units), preprocess, batch_size
+        self.units, self.pixels, self.batch_size = list(units), pixels, batch_size
         self.image_keys, self.caption_key, self.tokenizer = tuple(image_keys), caption_key, tokenizer
-        side = max(preprocess(Image.new('RGB', (8, 8))).shape[-2:])
+        side = max(pixels.preprocess(Image.new('RGB', (8, 8))).shape[-2:])
         self.limits = dataclasses.replace(limits or PixelLimits(), side=int(side))
 
     def _worker_units(self) -> list[Unit]:
@@ -98,7 +100,7 @@ class UnitDataset(torch.utils.data.IterableDataset):
             if self.tokenizer is not None:
                 tokens = self.tokenizer([caption])
         try:
-            pixels = self.preprocess(open_image(item.image, self.limits))
+            pixels = self.pixels.prepare(item.image, self.limits)
         except ImageRefused as e:
             return Skip(item.key, e.reason, str(e))
         except Exception as e:  # PIL raises many types for damaged or non-image data
@@ -228,6 +230,8 @@ class DecodedBatches:
         start = 'fork' if Ranks.from_env().world_size > 1 else _WORKER_START
         extra = dict(prefetch_factor=self.prefetch, multiprocessing_context=start, timeout=self.STALLED_S,
                      worker_init_fn=functools.partial(_exit_with, os.getpid())) if self.workers else {}
+        if self.workers > 1 and versions.DATALOADER_IN_ORDER:  # whichever worker is ready first: a unit's
+            extra['in_order'] = False  # batches still come in order, from the one worker that reads it
         data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
                                                 pin_memory=self.device_type == 'cuda', **extra))
         threads = torch.get_num_threads()
@@ -263,7 +267,8 @@ class DecodedBatches:
             torch.set_num_threads(max(1, torch.get_num_threads() - self.workers))
 
 
-def default_workers(local_world_size: int = 1) -> int:
-    """DataLoader workers per rank: the cores this process may use, shared among the ranks on the node."""
+def default_workers(local_world_size: int = 1, device_type: str = 'cpu') -> int:
+    """DataLoader workers per rank: the cores this process may use, shared among the ranks on the node; with a
+    GPU, less the two that the main process and its pinning thread keep busy."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
+    return max(1, cores // max(1, local_world_size) - (2 if device_type == 'cuda' else 0))

@@ -12,6 +12,7 @@ from eva_open_clip.embed.defaults import IMAGE_KEYS
 from eva_open_clip.embed.encoder import Encoder
 from eva_open_clip.embed.inputs import InputError
 from eva_open_clip.embed.loader import Batch, DecodedBatches, UnitDataset
+from eva_open_clip.embed.pixels import Pixels
 from eva_open_clip.embed.progress import Progress, plural
 from eva_open_clip.embed.skips import Skip
 from eva_open_clip.embed.store.npy_file import NpyWriter, npy_output
@@ -22,7 +23,8 @@ from eva_open_clip.errors import ToolError, UsageError, param
 def embed_to_npy(load_encoder: Callable[[], Encoder], inputs: Sequence[str], out: str | os.PathLike,
                  batch_size: int = 32, text_file: str | None = None, files_from: str | None = None, workers: int = 0,
                  image_keys: Sequence[str] = IMAGE_KEYS, limits: PixelLimits | None = None,
-                 quiet: bool = False, progress_interval: float | None = None) -> tuple[int, list[Skip]]:
+                 quiet: bool = False, progress_interval: float | None = None,
+                 decode: str = 'exact') -> tuple[int, list[Skip]]:
     """Write FILE.npy and FILE.paths.txt; return the number of rows and the samples skipped.
 
     The inputs are listed (or the text file read) before `load_encoder` is called, so that a mistake in
@@ -40,7 +42,8 @@ def embed_to_npy(load_encoder: Callable[[], Encoder], inputs: Sequence[str], out
             print(duplicates.note(), file=sys.stderr)
         progress = Progress(sum(len(u.files) for u in units) or None, 'image', interval=progress_interval,
                             enabled=not quiet)
-        return _embed_images(load_encoder(), units, writer, batch_size, workers, image_keys, limits, progress)
+        return _embed_images(load_encoder(), units, writer, batch_size, workers, image_keys, limits, progress,
+                             decode)
 
 
 def _text_lines(text_file: str) -> list[str]:
@@ -85,15 +88,17 @@ def _in_input_order(batches: DecodedBatches) -> Iterator[Batch]:
 
 
 def _embed_images(encoder: Encoder, units: list, writer: NpyWriter, batch_size: int, workers: int,
-                  image_keys: Sequence[str], limits: PixelLimits | None, progress: Progress) -> tuple[int, list[Skip]]:
+                  image_keys: Sequence[str], limits: PixelLimits | None, progress: Progress,
+                  decode: str) -> tuple[int, list[Skip]]:
     keys, skipped = [], []
     try:
-        dataset = UnitDataset(units, encoder.preprocess, batch_size, image_keys=image_keys, limits=limits)
+        dataset = UnitDataset(units, Pixels(encoder.preprocess, decode), batch_size, image_keys=image_keys,
+                              limits=limits)
         decoding = DecodedBatches(dataset, min(workers, len(units)), encoder.device_type)
-        for batch in _in_input_order(decoding):
+        for batch, image, _ in encoder.encoded(_in_input_order(decoding)):
             skipped += batch.skipped
-            if batch.pixels is not None:
-                writer.append(encoder.encode_pixels(batch.pixels).numpy())
+            if image is not None:
+                writer.append(image)
                 keys += batch.keys
             progress.update(len(batch.keys) + len(batch.skipped))
         if not keys:

@@ -11,8 +11,9 @@ from eva_open_clip.embed.ranks import Ranks
 from eva_open_clip.errors import UsageError, param, switch
 
 DEFAULT_MODEL = 'EVA_CLIP_g_14'
-DEFAULT_BATCH_SIZE = 32
 DEFAULT_PART_SIZE = 100_000
+PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16')
+DECODE_MODES = ('exact', 'fast')
 
 
 @dataclass
@@ -24,8 +25,10 @@ class EmbedOptions:
     model: str = DEFAULT_MODEL
     pretrained: str | None = None
     device: str | None = None
-    precision: str = 'fp32'
-    batch_size: int = DEFAULT_BATCH_SIZE
+    precision: str | None = None  # None: the folder's, else the device's default (`devices.defaults_for`)
+    batch_size: int | None = None  # None: the device's default
+    decode: str | None = None  # None: the folder's, else the device's default
+    compile: bool = False
     workers: int | None = None
     captions: bool = False
     files_from: str | None = None
@@ -50,8 +53,11 @@ class EmbedOptions:
             raise UsageError(f"give images, folders, tar shards, {param('files_from', 'LIST')} or "
                              f"{param('text_file', 'FILE')}")
         for name in ('batch_size', 'part_size', 'max_image_pixels', 'max_resized_pixels'):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f'{param(name)} must be at least 1')
+        for name, value, choices in (('precision', self.precision, PRECISIONS), ('decode', self.decode, DECODE_MODES)):
+            if value is not None and value not in choices:
+                raise UsageError(f"{param(name, value)}: choose from {', '.join(choices)}")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"{param('workers')} must be 0 or more")
         if self.to_npy and self.ranks.world_size > 1:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from eva_open_clip.embed.loader import Batch, DecodedBatches, UnitDataset
+from eva_open_clip.embed.pixels import Pixels
 from eva_open_clip.embed.units import list_units
 from eva_open_clip.errors import ToolError
 from support.checkpoints import DATA
@@ -155,10 +156,12 @@ def test_folders_and_file_lists(dataset, tiny, tmp_path):
 def test_worker_pixels_are_the_preprocessed_files_bit_for_bit(tiny):
     _, _, preprocess, _ = tiny
     paths = [str(DATA / 'images' / n) for n in ('clip_diagram_rgba.png', 'noise_gray_64x96.png', 'palette_120.png')]
-    data = UnitDataset(list_units(paths, None, 10)[0], preprocess, batch_size=8)
+    pixels = Pixels(preprocess)  # the workers hand over uint8 pixels; the device scales and normalizes them
+    data = UnitDataset(list_units(paths, None, 10)[0], pixels, batch_size=8)
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=1)))
-    assert batch.keys == paths
-    assert torch.equal(batch.pixels, torch.stack([preprocess(Image.open(p)) for p in paths]))
+    assert batch.keys == paths and batch.pixels.dtype == torch.uint8
+    assert torch.equal(pixels.to_model(batch.pixels, torch.float32),
+                       torch.stack([preprocess(Image.open(p)) for p in paths]))
 
 
 class _SlowlyDecoded(torch.utils.data.IterableDataset):

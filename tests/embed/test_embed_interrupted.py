@@ -6,27 +6,31 @@ import pytest
 import torch
 from PIL import Image
 
+from eva_open_clip.embed.encoder import Encoder
 from eva_open_clip.embed.npy_job import embed_to_npy
 from support.checkpoints import DATA
 
 
-class _Interrupting:
-    """Stands in for the model-backed encoder: encodes one batch, then is interrupted."""
-
-    device_type = 'cpu'
+class _Interrupting(torch.nn.Module):
+    """Stands in for the model: encodes one batch, then is interrupted."""
 
     def __init__(self):
+        super().__init__()
         self.calls = 0
 
     @staticmethod
     def preprocess(image):
         return torch.zeros(3, 8, 8)
 
-    def encode_pixels(self, pixels):
+    def encode_image(self, pixels, normalize=False):
         self.calls += 1
         if self.calls > 1:
             raise KeyboardInterrupt
         return torch.nn.functional.normalize(torch.ones(len(pixels), 4), dim=-1)
+
+
+def _encoder(model: torch.nn.Module) -> Encoder:
+    return Encoder(model, model.preprocess, None, 'cpu', 'fp32')
 
 
 def test_interrupted_embed_leaves_previous_output(tmp_path):
@@ -34,7 +38,7 @@ def test_interrupted_embed_leaves_previous_output(tmp_path):
     np.save(out, np.zeros((1, 4), dtype=np.float32))
     (tmp_path / 'features.paths.txt').write_text('old\n')
     with pytest.raises(KeyboardInterrupt):
-        embed_to_npy(_Interrupting, [str(DATA / 'images')], out, batch_size=2)
+        embed_to_npy(lambda: _encoder(_Interrupting()), [str(DATA / 'images')], out, batch_size=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.features.npy.lock', 'features.npy', 'features.paths.txt']
     assert np.load(out).shape == (1, 4)
     assert (tmp_path / 'features.paths.txt').read_text() == 'old\n'
@@ -45,7 +49,7 @@ def test_scratch_of_a_killed_run_is_removed_and_rows_written_once(tmp_path):
     for stale in ('.features.npy.k1ll3d00.tmp', '.features.paths.txt.k1ll3d00.tmp'):
         (tmp_path / stale).write_bytes(b'left by a killed run')
     (tmp_path / '.other.npy.x.tmp').write_bytes(b'another output: left alone')
-    rows, skipped = embed_to_npy(_Encoding, [str(DATA / 'images')], out, batch_size=2)
+    rows, skipped = embed_to_npy(lambda: _encoder(_Encoding()), [str(DATA / 'images')], out, batch_size=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['.features.npy.lock', '.other.npy.x.tmp', 'features.npy',
                                                            'features.paths.txt']
     paths = (tmp_path / 'features.paths.txt').read_text().splitlines()
@@ -66,5 +70,5 @@ class _Encoding(_Interrupting):
     def preprocess(image):
         return torch.full((3, 8, 8), float(image.size[0]))
 
-    def encode_pixels(self, pixels):
+    def encode_image(self, pixels, normalize=False):
         return torch.stack([torch.tensor(self.features(int(p[0, 0, 0]))) for p in pixels])

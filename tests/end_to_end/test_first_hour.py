@@ -445,30 +445,31 @@ def test_a_gpu_out_of_memory_says_to_lower_the_batch_size(tmp_path):
 
 # 8. no more decoding workers than units
 
-class _CountingWorkers:
+class _CountingWorkers(torch.nn.Module):
     """Stands in for the model: each batch's features from its pixels; counts the decoding workers alive."""
 
-    device_type = 'cpu'
-
     def __init__(self):
+        super().__init__()
         self.workers_seen = set()
 
     @staticmethod
     def preprocess(image):
         return torch.full((3, 4, 4), float(image.size[0]))
 
-    def encode_pixels(self, pixels):
+    def encode_image(self, pixels, normalize=False):
         import multiprocessing
         self.workers_seen.add(len(multiprocessing.active_children()))
         return torch.nn.functional.normalize(pixels.flatten(1)[:, :4] + 1, dim=-1)
 
 
 def test_no_more_workers_than_units(tmp_path):
+    from eva_open_clip.embed.encoder import Encoder
     from eva_open_clip.embed.npy_job import embed_to_npy
-    encoder = _CountingWorkers()
+    model = _CountingWorkers()
+    encoder = Encoder(model, model.preprocess, None, 'cpu', 'fp32')
     rows, skipped = embed_to_npy(lambda: encoder, [str(DATA / 'images' / 'palette_120.png')], tmp_path / 'one.npy',
                                  workers=8)
-    assert (rows, skipped) == (1, []) and encoder.workers_seen == {1}  # one unit: one worker, not 8
+    assert (rows, skipped) == (1, []) and model.workers_seen == {1}  # one unit: one worker, not 8
     assert np.load(tmp_path / 'one.npy').shape == (1, 4)
 
 

@@ -55,6 +55,8 @@ from eva_open_clip.embed.store.unit_list import read_unit_list
 from eva_open_clip.errors import UsageError, param
 
 FORMAT_VERSION = 3
+# settings added since format 3 began, with the value that the folders written before them were made with
+IMPLIED = {'decode': 'exact'}
 
 
 @dataclass
@@ -68,6 +70,7 @@ class FolderSettings:
     model: str
     pretrained: str
     precision: str
+    decode: str
     part_size: int
     captions: bool
     image_keys: list[str]
@@ -117,12 +120,23 @@ def _intact(out: Path, record: UnitRecord) -> bool:
         return False
 
 
+def _complete(settings: dict) -> dict:
+    """Recorded settings with those added since their folder was written, at the values it was made with."""
+    return {**IMPLIED, **settings}
+
+
 def _read_settings(out: Path) -> dict | None:
     try:
         found = json.loads((out / SETTINGS_FILE).read_text(encoding='utf-8'))
     except (OSError, ValueError):
         return None
-    return found if isinstance(found, dict) and 'format' in found and 'model' in found else None
+    return _complete(found) if isinstance(found, dict) and 'format' in found and 'model' in found else None
+
+
+def recorded_settings(out: Path) -> dict | None:
+    """The settings the rows of a folder were made with (its first done unit's), if it holds any."""
+    records = read_records(out) if out.is_dir() else []
+    return _complete(records[0].settings) if records else None
 
 
 def _only_leftovers(out: Path) -> bool:
@@ -163,13 +177,13 @@ def _check_settings(out: Path, settings: FolderSettings,
     wanted = settings.as_json()
     found = _read_settings(out)
     if records:
-        fixed = records[0].settings
+        fixed = _complete(records[0].settings)
         differ = [k for k in wanted if fixed.get(k) != wanted[k]]
         if differ:
             detail = '; '.join(f'{k}: {fixed.get(k)!r} there, {wanted[k]!r} now' for k in differ)
             raise UsageError(f'{out} holds the output of another embedding run ({detail}); '
                              f'use a new {param("out")} folder, or the same settings to resume')
-        records = [r for r in records if r.settings == fixed]
+        records = [r for r in records if _complete(r.settings) == fixed]
         if found != wanted:
             notes.append(f'note: {out / SETTINGS_FILE} was {"damaged or missing" if found is None else "changed"}; '
                          f'rebuilt from the records of the {len(records)} finished unit(s)')
