@@ -27,8 +27,10 @@ def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given, and image files found under folders (recursively, in path order), each once.
 
     Tar shards are refused: they are `embed`'s inputs."""
-    from eva_open_clip.embed import inputs
-    sources, _ = inputs.unique_sources(inputs.input_sources([str(p) for p in paths], None))
+    from eva_open_clip.embed.inputs import list_sources
+    sources, listing = list_sources([str(p) for p in paths], None)
+    if listing.passed.note():
+        print(listing.passed.note(), file=sys.stderr)
     shards = [s for s in sources if s.is_shard]
     if shards:
         raise UsageError(f'{shards[0].path} is a tar shard: classify takes image files and folders of them '
@@ -59,7 +61,7 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 def classify(images: Sequence[str | os.PathLike] = (), labels: Sequence[str] = README_LABELS, *,
              model: str = 'EVA_CLIP_g_14', pretrained: str | None = None, device: str | None = None,
              precision: str | None = None, template: str = '{}', top_k: int | None = None,
-             batch_size: int = 16, compile: bool = False) -> list[dict]:
+             batch_size: int = 16, compile: bool = False, quantize: str | None = None) -> list[dict]:
     """[{"image": path, "labels": [{"label", "prob"}, ...]}] for image files and folders (the bundled CLIP
     diagram when none are given), most probable first.
 
@@ -69,6 +71,7 @@ def classify(images: Sequence[str | os.PathLike] = (), labels: Sequence[str] = R
     """
     from eva_open_clip.embed.devices import check_device, device_defaults
     from eva_open_clip.loading import check_model, resolve_pretrained
+    from eva_open_clip.quantize import check as check_quantize
     check_template(template)
     if top_k is not None and top_k < 1:
         raise UsageError(f"{param('top_k')} must be at least 1")
@@ -76,13 +79,14 @@ def classify(images: Sequence[str | os.PathLike] = (), labels: Sequence[str] = R
         raise UsageError('no labels given')
     check_model(model)
     pretrained = resolve_pretrained(model, pretrained)
+    check_quantize(quantize)
     check_device(device)
     paths = image_files(images) if images else [BUNDLED_IMAGE]
     if not paths:
         raise UsageError('no images given')
     from eva_open_clip.embed.encoder import load_encoder
     encoder = load_encoder(model, pretrained, device, precision or device_defaults(device).precision, compile,
-                           batch_size)
+                           batch_size, quantize)
     text = encoder.texts([template.format(label) for label in labels])
     scale = encoder.logit_scale()
     k = min(top_k or len(labels), len(labels))

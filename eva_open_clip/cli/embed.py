@@ -43,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip (reason image_too_large) an image whose short side resized to the model's "
                              "image size gives more pixels (default: %(default)s: aspect ratios up to about 330:1 "
                              "at 224 px)")
+    remote = parser.add_argument_group('remote shards (http(s):// and pipe:COMMAND)')
+    remote.add_argument('--stall-timeout', type=float, default=1800.0,
+                        help='seconds without a byte after which a read fails (default: %(default)s)')
+    remote.add_argument('--retries', type=int, default=5,
+                        help='more tries of a read that failed for a reason that may pass (a 503, a cut connection, '
+                             'a stall, an error page), 1, 2, 4, ... seconds apart (default: %(default)s)')
+    remote.add_argument('--give-up', action='append', default=[], metavar='SHARD',
+                        help='give up for good on a shard that cannot be read, as listed (repeatable): recorded with '
+                             'no rows in summary.json, so that the job can finish')
     parser.add_argument('--progress-interval', type=float, default=None,
                         help='seconds between progress lines when standard error is not a terminal (default: 30)')
     parser.add_argument('--quiet', action='store_true', help='no progress output (errors and the final line remain)')
@@ -53,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
     from eva_open_clip.embed import embed
     embed(args.inputs, out=args.out, model=args.model, pretrained=args.pretrained, device=args.device,
           precision=args.precision, batch_size=args.batch_size, decode=args.decode, compile=args.compile,
+          quantize=args.quantize,
           workers=args.workers, captions=args.captions,
           files_from=args.files_from, text_file=args.text_file, part_size=args.part_size,
+          stall_timeout=args.stall_timeout, retries=args.retries, give_up=args.give_up,
           image_keys=args.image_key.split(','), caption_key=args.caption_key, max_image_pixels=args.max_image_pixels,
           max_resized_pixels=args.max_resized_pixels, progress_interval=args.progress_interval, quiet=args.quiet)
     return 0

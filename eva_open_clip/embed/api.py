@@ -35,8 +35,9 @@ class EmbedResult:
 def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), *, out: str | os.PathLike,
           model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None,
           precision: str | None = None, batch_size: int | None = None, decode: str | None = None,
-          compile: bool = False, workers: int | None = None, captions: bool = False,
-          files_from: str | None = None, text_file: str | None = None,
+          compile: bool = False, quantize: str | None = None, workers: int | None = None, captions: bool = False,
+          files_from: str | None = None, text_file: str | None = None, stall_timeout: float = 1800.0,
+          retries: int = 5, give_up: Sequence[str] = (),
           part_size: int = DEFAULT_PART_SIZE, image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
           max_image_pixels: int = MAX_IMAGE_PIXELS, max_resized_pixels: int = MAX_RESIZED_PIXELS,
           progress_interval: float | None = None, quiet: bool = False) -> EmbedResult | None:
@@ -47,14 +48,15 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), *, out: 
     The arguments are those of `eva-open-clip embed` (docs/command-line.md), named as its options are.
     `precision`, `batch_size` and `decode` left as None are the device's defaults (bf16, 256 and fast on a
     GPU; fp32, 32 and exact on the CPU), except that a folder resumed keeps the precision and decoding its
-    rows were made with.
+    rows were made with. A remote read with no byte for `stall_timeout` seconds fails; a failed read is tried
+    `retries` more times, 1, 2, 4, ... seconds apart; the shards `give_up` names are given up on for good.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     options = EmbedOptions(
         inputs=tuple(map(str, inputs)), out=str(out), model=model, pretrained=pretrained, device=device,
-        precision=precision, batch_size=batch_size, decode=decode, compile=compile, workers=workers,
-        captions=captions,
+        precision=precision, batch_size=batch_size, decode=decode, compile=compile, quantize=quantize, workers=workers,
+        captions=captions, stall_timeout=float(stall_timeout), retries=retries, give_up=tuple(map(str, give_up)),
         files_from=None if files_from is None else str(files_from),
         text_file=None if text_file is None else str(text_file), part_size=part_size, image_keys=tuple(image_keys),
         caption_key=caption_key, max_image_pixels=max_image_pixels, max_resized_pixels=max_resized_pixels,
@@ -72,37 +74,37 @@ class _Run:
     precision: str
     batch_size: int
     decode: str
+    quantize: str
     workers: int
+    line: str  # what the run uses and why, said once its inputs are listed (on rank 0, unless quiet)
 
 
 def _run(options: EmbedOptions, device: str | None, recorded: dict | None = None) -> _Run:
-    """The run's settings, said in one line (on rank 0, unless quiet)."""
+    """The run's settings: the options, else the folder's (`recorded`), else the device's defaults."""
     from eva_open_clip.embed.devices import default_device, device_defaults
     from eva_open_clip.embed.loader import default_workers
     device = device or default_device()
     defaults = device_defaults(device)
     said = []
 
-    def chosen(name: str, default):
-        given = getattr(options, name)
-        if given is not None:
-            said.append(f'{name} {given}')
-            return given
-        if recorded is not None and name in recorded:
-            said.append(f'{name} {recorded[name]} (as {options.out} was made)')
-            return recorded[name]
-        said.append(f'{name} {default} (the default on {defaults.why})')
-        return default
+    def chosen(name: str, default, quiet_value=None):
+        """The option, else the folder's value, else the default; said unless it is `quiet_value`."""
+        given, why = getattr(options, name), ''
+        if given is None and recorded is not None and name in recorded:
+            given, why = recorded[name], f' (as {options.out} was made)'
+        elif given is None:
+            given, why = default, f' (the default on {defaults.why})'
+        if given != quiet_value:
+            said.append(f'{name} {given}{why}')
+        return given
 
-    run = _Run(device, chosen('precision', defaults.precision), chosen('batch_size', defaults.batch_size),
-               chosen('decode', defaults.decode),
-               default_workers(options.ranks.local_world_size, _device_type(device)) if options.workers is None
-               else options.workers)
-    if options.ranks.rank == 0 and not options.quiet:
-        compiled = ', compiled' if options.compile else ''
-        print(f"embedding with {options.model} on {device}: {', '.join(said)}, {plural(run.workers, 'worker')}"
-              f'{compiled}', file=sys.stderr)
-    return run
+    settings = (chosen('precision', defaults.precision), chosen('batch_size', defaults.batch_size),
+                chosen('decode', defaults.decode), chosen('quantize', 'none', quiet_value='none'))
+    workers = default_workers(options.ranks.local_world_size, _device_type(device)) if options.workers is None \
+        else options.workers
+    compiled = ', compiled' if options.compile else ''
+    line = f"embedding with {options.model} on {device}: {', '.join(said)}, {plural(workers, 'worker')}{compiled}"
+    return _Run(device, *settings, workers, line)
 
 
 def _device_type(device: str) -> str:
@@ -110,10 +112,21 @@ def _device_type(device: str) -> str:
     return torch.device(device).type
 
 
+def _remote(options: EmbedOptions):
+    from eva_open_clip.embed.remote import RemoteOptions
+    return RemoteOptions(options.stall_timeout, options.retries)
+
+
 def _loader(options: EmbedOptions, run: _Run):
+    """What the job calls to load the model, once the inputs are listed: the run's line, then the encoder."""
     from eva_open_clip.embed.encoder import load_encoder
-    return lambda: load_encoder(options.model, options.pretrained, run.device, run.precision, options.compile,
-                                run.batch_size)
+
+    def load():
+        if options.ranks.rank == 0 and not options.quiet:
+            print(run.line, file=sys.stderr)
+        return load_encoder(options.model, options.pretrained, run.device, run.precision, options.compile,
+                            run.batch_size, None if run.quantize == 'none' else run.quantize)
+    return load
 
 
 def _to_npy(options: EmbedOptions) -> EmbedResult:
@@ -126,7 +139,8 @@ def _to_npy(options: EmbedOptions) -> EmbedResult:
         _loader(options, run), options.inputs, options.out, batch_size=run.batch_size, decode=run.decode,
         text_file=options.text_file, files_from=options.files_from, workers=run.workers,
         image_keys=options.image_keys, limits=PixelLimits(options.max_image_pixels, options.max_resized_pixels),
-        quiet=options.quiet, progress_interval=options.progress_interval)
+        quiet=options.quiet, progress_interval=options.progress_interval, remote=_remote(options),
+        give_up=options.give_up)
     warn_skipped(skipped)
     reasons = reasons_of(skipped)
     out = Path(options.out)
@@ -146,13 +160,15 @@ def _to_folder(options: EmbedOptions) -> EmbedResult | None:
         run = _run(options, device, recorded_settings(out))
         settings = FolderSettings(
             model=options.model, pretrained=options.pretrained, precision=run.precision, decode=run.decode,
+            quantize=run.quantize,
             part_size=options.part_size, captions=options.captions, image_keys=list(options.image_keys),
             caption_key=options.caption_key, max_image_pixels=options.max_image_pixels,
             max_resized_pixels=options.max_resized_pixels)
         try:
             summary = embed_folder(_loader(options, run), settings, options.inputs, options.files_from, out,
                                    run.workers, run.batch_size, ranks,
-                                   progress_interval=options.progress_interval, quiet=options.quiet)
+                                   progress_interval=options.progress_interval, quiet=options.quiet,
+                                   remote=_remote(options), give_up=options.give_up)
         except Interrupted as e:
             if ranks.rank != 0:
                 raise Interrupted(e.signum, '') from None
@@ -168,7 +184,8 @@ def _to_folder(options: EmbedOptions) -> EmbedResult | None:
     unreadable = [u for r in summary.ranks for u in r.unreadable]
     if unreadable:
         raise ToolError(f"{plural(len(unreadable), 'shard')} could not be read, e.g. {unreadable[0].source}: "
-                        f"{unreadable[0].detail}; they are not marked done: run the same command to try them again")
+                        f"{unreadable[0].detail} (a shard lost for good: {param('give_up', 'SHARD')}); they are not "
+                        f"marked done: run the same command to try them again")
     if summary.rows == 0:
         raise ToolError('no sample could be embedded' + (
             f" ({skipped_text(summary.skipped_by_reason)}; check {param('image_keys', flag='image_key')} and "

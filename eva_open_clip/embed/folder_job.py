@@ -22,10 +22,12 @@ from typing import Callable, Sequence
 from eva_open_clip.durable import write_text
 from eva_open_clip.embed.decode import PixelLimits
 from eva_open_clip.embed.encoder import Encoder
+from eva_open_clip.embed.inputs import named_identities
 from eva_open_clip.embed.loader import DecodedBatches, UnitDataset, shm_prefetch
 from eva_open_clip.embed.pixels import Pixels
-from eva_open_clip.embed.progress import Progress
+from eva_open_clip.embed.progress import Progress, plural
 from eva_open_clip.embed.ranks import Ranks
+from eva_open_clip.embed.remote import RemoteOptions
 from eva_open_clip.embed.skips import UNREADABLE, Skip
 from eva_open_clip.embed.store.folder import (
     FolderSettings,
@@ -34,6 +36,7 @@ from eva_open_clip.embed.store.folder import (
     done_count,
     done_units,
     finish_folder,
+    give_up,
     open_folder,
 )
 from eva_open_clip.embed.store.lock import OutputLock
@@ -41,13 +44,15 @@ from eva_open_clip.embed.store.names import name_text
 from eva_open_clip.embed.store.paths import rank_record
 from eva_open_clip.embed.store.records import RankCounts, Summary, Unreadable
 from eva_open_clip.embed.units import Unit, plan_units, read_units
-from eva_open_clip.errors import ToolError, UsageError
+from eva_open_clip.errors import ToolError, UsageError, param
 
 
 def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, inputs: Sequence[str],
                  files_from: str | None, out: Path, workers: int, batch_size: int = 32, ranks: Ranks = Ranks(),
-                 progress_interval: float | None = None, quiet: bool = False) -> Summary | None:
-    """Embed into the folder `out`; return the summary on rank 0 (None elsewhere).
+                 progress_interval: float | None = None, quiet: bool = False,
+                 remote: RemoteOptions = RemoteOptions(), give_up: Sequence[str] = ()) -> Summary | None:
+    """Embed into the folder `out`; return the summary on rank 0 (None elsewhere). The shards that `give_up`
+    names, never read, are given up on first.
 
     The only collective is at the start (rank 0's verdict on the folder). At the end each rank records
     its counts in `DIR/ranks/`, and rank 0 builds the summary once every rank's record is there, so ranks
@@ -63,10 +68,11 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
                 out.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
                 records, notes = open_folder(out, settings)
-                units, duplicates, note = plan_units(out, inputs, files_from, settings.part_size,
-                                                     {r.unit: Unit.from_entry(dict(unit=r.unit, sources=r.sources))
-                                                      for r in records})
-                for line in notes + [note, duplicates.note()]:
+                units, listing, note = plan_units(out, inputs, files_from, settings.part_size,
+                                                  {r.unit: Unit.from_entry(dict(unit=r.unit, sources=r.sources))
+                                                   for r in records})
+                notes += _given_up(out, settings, units, {r.unit for r in records}, give_up)
+                for line in notes + [note] + listing.notes():
                     if line:
                         print(line, file=sys.stderr)
                 if not units:
@@ -84,9 +90,10 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         progress = Progress(len(units), 'unit', lambda: done_count(out), progress_interval,
                             enabled=ranks.rank == 0 and not quiet)
         try:
-            counts = _embed_units(load_encoder, settings, mine, out, workers, batch_size, progress, ranks.rank) \
-                if mine else RankCounts(rank=ranks.rank, units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None,
-                                        input_wait_s=0.0, model_loaded=False, unreadable=[])
+            counts = _embed_units(load_encoder, settings, mine, out, workers, batch_size, progress, ranks.rank,
+                                  remote) if mine else \
+                RankCounts(rank=ranks.rank, units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None,
+                           input_wait_s=0.0, model_loaded=False, unreadable=[])
         finally:
             progress.close()
         write_text(rank_record(out, ranks.rank), counts.to_json())
@@ -95,6 +102,28 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         return finish_folder(out, settings, _wait_for_ranks(out, ranks.world_size))
     finally:
         lock.release()
+
+
+def _given_up(out: Path, settings: FolderSettings, units: list[Unit], done: set[int],
+              shards: Sequence[str]) -> list[str]:
+    """Record as given up on the shards named (that the job lists and that are not done); notes saying so."""
+    by_identity = {s.real: unit for unit in units if unit.shard is not None for s in unit.sources}
+    notes, given = [], []
+    for named in shards:
+        for identity in named_identities(named):
+            unit = by_identity.get(identity)
+            if unit is None:
+                raise UsageError(f"{param('give_up', named)}: no shard of this job's inputs is {identity}")
+            if unit.index in done:
+                notes.append(f'note: {unit.source} is done: not given up on')
+            else:
+                give_up(out, settings, unit.index, unit.source, unit.identity(), 'given up on after failed reads')
+                done.add(unit.index)
+                given.append(unit.source)
+    if given:
+        notes.append(f"note: gave up on {plural(len(given), 'shard')} for good (no rows; listed in summary.json): "
+                     f"{', '.join(given[:5])}{' ...' if len(given) > 5 else ''}")
+    return notes
 
 
 def _wait_for_ranks(out: Path, world_size: int) -> list[RankCounts]:
@@ -149,7 +178,7 @@ class _InBackground:
 
 
 def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list[Unit], out: Path,
-                 workers: int, batch_size: int, progress: Progress, rank: int) -> RankCounts:
+                 workers: int, batch_size: int, progress: Progress, rank: int, remote: RemoteOptions) -> RankCounts:
     encoder = load_encoder()
     folder = FolderWriter(out, settings, batch_size)
     by_index = {u.index: u for u in units}
@@ -158,15 +187,19 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
     dataset = UnitDataset(units, pixels, batch_size, image_keys=settings.image_keys,
                           caption_key=settings.caption_key if settings.captions else None,
                           tokenizer=encoder.tokenizer if settings.captions else None,
-                          limits=PixelLimits(settings.max_image_pixels, settings.max_resized_pixels))
+                          limits=PixelLimits(settings.max_image_pixels, settings.max_resized_pixels), remote=remote)
     first = None  # when the first batch was done: the rate excludes loading and start-up
     first_rows = 0
     workers = min(workers, len(units))  # each worker decodes whole units: more would only start and wait
     batches = DecodedBatches(dataset, workers, encoder.device_type,
-                             shm_prefetch(workers, batch_size * pixels.sample_bytes()))
+                             shm_prefetch(workers, batch_size * pixels.sample_bytes()), quiet_s=remote.quiet_s())
     writer = _InBackground(folder)
     try:
         for batch, image, text in encoder.encoded(batches):
+            if batch.restart:  # a remote read failed, and is tried again from the unit's start
+                writer.call('discard_unit', batch.unit)
+                unreadable.pop(batch.unit, None)
+                continue
             writer.call('add', batch.unit, batch.keys, image, text, batch.captions, batch.metas, batch.skipped)
             failed = next((s for s in batch.skipped if s.reason == UNREADABLE), None)
             if failed is not None:
@@ -176,7 +209,7 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
                 if batch.unit in unreadable:
                     writer.call('discard_unit', batch.unit)
                 else:
-                    writer.call('finish_unit', batch.unit, unit.source, unit.identity())
+                    writer.call('finish_unit', batch.unit, unit.source, unit.identity(), batch.read)
             progress.update(len(batch.keys))
             if first is None and batch.keys:
                 first, first_rows = time.perf_counter(), len(batch.keys)

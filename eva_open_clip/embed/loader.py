@@ -21,8 +21,10 @@ from eva_open_clip.embed.decode import ImageRefused, PixelLimits, caption_text
 from eva_open_clip.embed.defaults import IMAGE_KEYS
 from eva_open_clip.embed.pixels import Pixels
 from eva_open_clip.embed.ranks import Ranks
+from eva_open_clip.embed.remote import RemoteOptions
 from eva_open_clip.embed.samples import unit_samples
 from eva_open_clip.embed.skips import Reason, Sample, Skip
+from eva_open_clip.embed.tar import ShardRead
 from eva_open_clip.embed.units import Unit
 from eva_open_clip.errors import ToolError, UsageError, param
 
@@ -33,8 +35,10 @@ _WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_me
 class Batch:
     """Up to batch-size usable samples of one unit, in the unit's order, and the samples skipped among them.
 
-    `end` is set on the unit's last batch (which may hold no samples); `decode_s` is the CPU time its
-    decoding took in the worker.
+    `end` is set on the unit's last batch (which may hold no samples), with `read`, a remote shard's bytes and
+    their SHA-256; `restart` (no samples) says that the unit's read failed and is tried again from its
+    start: what came of it so far is to be forgotten. `decode_s` is the CPU time its decoding took in the
+    worker.
     """
 
     unit: int
@@ -46,6 +50,8 @@ class Batch:
     skipped: list[Skip] = field(default_factory=list)
     end: bool = False
     decode_s: float = 0.0
+    restart: bool = False
+    read: dict | None = None
 
     def pin_memory(self) -> 'Batch':
         """Called by the DataLoader's pinning thread (pin_memory=True on CUDA)."""
@@ -74,8 +80,9 @@ class UnitDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, units: Sequence[Unit], pixels: Pixels, batch_size: int,
                  image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str | None = None,
-                 tokenizer: Callable | None = None, limits: PixelLimits | None = None):
-        self.units, self.pixels, self.batch_size = list(units), pixels, batch_size
+                 tokenizer: Callable | None = None, limits: PixelLimits | None = None,
+                 remote: RemoteOptions = RemoteOptions()):
+        self.units, self.pixels, self.batch_size, self.remote = list(units), pixels, batch_size, remote
         self.image_keys, self.caption_key, self.tokenizer = tuple(image_keys), caption_key, tokenizer
         side = max(pixels.preprocess(Image.new('RGB', (8, 8))).shape[-2:])
         self.limits = dataclasses.replace(limits or PixelLimits(), side=int(side))
@@ -107,8 +114,8 @@ class UnitDataset(torch.utils.data.IterableDataset):
             return Skip(item.key, Reason.UNDECODABLE_IMAGE, type(e).__name__)
         return Prepared(item.key, pixels, caption, tokens, item.meta)
 
-    def _samples(self, unit: Unit) -> Iterator[Prepared | Skip]:
-        for item in unit_samples(unit.shard, unit.files, self.image_keys, self.caption_key):
+    def _samples(self, unit: Unit, read: ShardRead) -> Iterator[Prepared | Skip]:
+        for item in unit_samples(unit.shard, unit.files, self.image_keys, self.caption_key, self.remote, read):
             if isinstance(item, Skip):
                 yield item
                 continue
@@ -118,20 +125,36 @@ class UnitDataset(torch.utils.data.IterableDataset):
                 yield Skip(item.key, Reason.BAD_SAMPLE, f'{type(e).__name__}: {str(e)[:200]}')
 
     def __iter__(self) -> Iterator[Batch]:
-        started = time.thread_time()  # this thread's CPU time, restarted after each batch is taken
         for unit in self._worker_units():
-            samples: list[Prepared] = []
-            skipped: list[Skip] = []
-            for prepared in self._samples(unit):
-                if isinstance(prepared, Skip):
-                    skipped.append(prepared)
-                    continue
-                samples.append(prepared)
-                if len(samples) == self.batch_size:
-                    yield self._batch(unit, samples, skipped, end=False, started=started)
-                    samples, skipped, started = [], [], time.thread_time()
-            yield self._batch(unit, samples, skipped, end=True, started=started)
-            started = time.thread_time()
+            for attempt in itertools.count():
+                read = ShardRead()
+                batches = self._unit_batches(unit, read)
+                for batch in batches:
+                    if batch.end:
+                        break
+                    yield batch
+                failure = read.failure
+                if failure is None or not failure.transient or attempt >= self.remote.retries:
+                    batch.read = read.record()
+                    yield batch
+                    break
+                yield Batch(unit.index, restart=True)  # what came of this read is forgotten; try again
+                time.sleep(self.remote.backoff(attempt))
+
+    def _unit_batches(self, unit: Unit, read: ShardRead) -> Iterator[Batch]:
+        """The batches of one read of a unit, the last one with `end` set."""
+        started = time.thread_time()  # this thread's CPU time, restarted after each batch is taken
+        samples: list[Prepared] = []
+        skipped: list[Skip] = []
+        for prepared in self._samples(unit, read):
+            if isinstance(prepared, Skip):
+                skipped.append(prepared)
+                continue
+            samples.append(prepared)
+            if len(samples) == self.batch_size:
+                yield self._batch(unit, samples, skipped, end=False, started=started)
+                samples, skipped, started = [], [], time.thread_time()
+        yield self._batch(unit, samples, skipped, end=True, started=started)
 
 
 def _alive(pid: int) -> bool:
@@ -221,8 +244,10 @@ class DecodedBatches:
     STALLED_S = 1800  # a worker that has not delivered a batch for this long is stuck: the job stops, resumable
 
     def __init__(self, dataset: torch.utils.data.IterableDataset, workers: int, device_type: str,
-                 prefetch: int = PREFETCH):
+                 prefetch: int = PREFETCH, quiet_s: float | None = None):
         self.dataset, self.workers, self.device_type, self.prefetch = dataset, workers, device_type, prefetch
+        if quiet_s is not None:
+            self.STALLED_S = quiet_s
         self.waited = 0.0
         self.decode_cpu, self.decoded, self.model_cpu_per_image = 0.0, 0, float('inf')
 

@@ -14,6 +14,7 @@ DEFAULT_MODEL = 'EVA_CLIP_g_14'
 DEFAULT_PART_SIZE = 100_000
 PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16')
 DECODE_MODES = ('exact', 'fast')
+QUANTIZE_CHOICES = ('none', 'int8')
 
 
 @dataclass
@@ -29,7 +30,11 @@ class EmbedOptions:
     batch_size: int | None = None  # None: the device's default
     decode: str | None = None  # None: the folder's, else the device's default
     compile: bool = False
+    quantize: str | None = None  # None: the folder's, else no quantization ('none'); 'int8'
     workers: int | None = None
+    stall_timeout: float = 1800.0  # seconds without a byte that make a remote read a failed one
+    retries: int = 5  # more tries of a remote read after a transient failure, 1, 2, 4, ... seconds apart
+    give_up: tuple[str, ...] = ()  # shards never read, given up on for good
     captions: bool = False
     files_from: str | None = None
     text_file: str | None = None
@@ -55,11 +60,19 @@ class EmbedOptions:
         for name in ('batch_size', 'part_size', 'max_image_pixels', 'max_resized_pixels'):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f'{param(name)} must be at least 1')
-        for name, value, choices in (('precision', self.precision, PRECISIONS), ('decode', self.decode, DECODE_MODES)):
+        for name, value, choices in (('precision', self.precision, PRECISIONS), ('decode', self.decode, DECODE_MODES),
+                                     ('quantize', self.quantize, QUANTIZE_CHOICES)):
             if value is not None and value not in choices:
                 raise UsageError(f"{param(name, value)}: choose from {', '.join(choices)}")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"{param('workers')} must be 0 or more")
+        if self.retries < 0:
+            raise UsageError(f"{param('retries')} must be 0 or more")
+        if not self.stall_timeout > 0:
+            raise UsageError(f"{param('stall_timeout')} must be more than 0 seconds")
+        from eva_open_clip.embed.remote import check_url, is_url
+        for url in (arg for arg in self.inputs + self.give_up if is_url(arg)):
+            check_url(url)
         if self.to_npy and self.ranks.world_size > 1:
             raise UsageError(f"{param('out', 'FILE.npy')} is written by one process: under torchrun give "
                              f"{param('out', 'DIR')}")
@@ -74,5 +87,8 @@ class EmbedOptions:
         from eva_open_clip.loading import check_model, resolve_pretrained
         check_model(self.model)
         self.pretrained = resolve_pretrained(self.model, self.pretrained)
+        if self.quantize not in (None, 'none'):
+            from eva_open_clip.quantize import check as check_quantize
+            check_quantize(self.quantize)
         if self.ranks.world_size == 1:  # under torchrun each rank's device is checked once known
             check_device(self.device)

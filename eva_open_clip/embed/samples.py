@@ -6,15 +6,17 @@ import json
 from typing import Any, Iterator, Sequence
 
 from eva_open_clip.embed.defaults import IMAGE_KEYS
+from eva_open_clip.embed.remote import RemoteOptions
 from eva_open_clip.embed.skips import Reason, Sample, Skip
 from eva_open_clip.embed.store import metadata
-from eva_open_clip.embed.tar import MAX_MEMBER_BYTES, TOO_LARGE, tar_members
+from eva_open_clip.embed.tar import MAX_MEMBER_BYTES, TOO_LARGE, ShardRead, tar_members
 
 
-def _tar_samples(shard: str, image_keys: Sequence[str], caption_key: str | None) -> Iterator[Sample | Skip]:
+def _tar_samples(shard: str, image_keys: Sequence[str], caption_key: str | None, remote: RemoteOptions,
+                 read: ShardRead | None) -> Iterator[Sample | Skip]:
     """The samples of a shard: consecutive members with one key (webdataset's rule), in order."""
     members: dict[str, Any] = {}
-    for item in tar_members(shard):
+    for item in tar_members(shard, remote, read):
         if isinstance(item, Skip):
             if item.key is not None and members.get('__key__') == item.key:
                 members = {}  # the sample the damage cut into
@@ -54,9 +56,10 @@ def _sample(raw: dict[str, Any], image_keys: Sequence[str], caption_key: str | N
 
 
 def unit_samples(shard: str | None, files: Sequence[str], image_keys: Sequence[str] = IMAGE_KEYS,
-                 caption_key: str | None = None) -> Iterator[Sample | Skip]:
-    """The samples of a shard, or of image files (which have no captions), in order."""
+                 caption_key: str | None = None, remote: RemoteOptions = RemoteOptions(),
+                 read: ShardRead | None = None) -> Iterator[Sample | Skip]:
+    """The samples of a shard, or of image files (which have no captions), in order (`read`: see `tar_members`)."""
     if shard is None:
         yield from (Sample(path, path) for path in files)
     else:
-        yield from _tar_samples(shard, image_keys, caption_key)
+        yield from _tar_samples(shard, image_keys, caption_key, remote, read)

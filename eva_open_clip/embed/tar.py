@@ -2,7 +2,10 @@
 
 A shard is read with Python's `tarfile` in stream mode (as webdataset does), so that every member before
 the damage is yielded and the damage is one `Skip` naming the member where the shard ends. Local files
-and webdataset URLs (`pipe:`, `http(s)://`, opened by webdataset's `gopen`) alike.
+and URLs (`http(s)://` and `pipe:`, opened by `remote`) alike, with one difference: the damage of a local
+shard is its data (the unit is done with the samples before it), while a remote stream that is cut short,
+damaged, not a tar at all (an error page) or without any member is a failed read (`ShardRead.failure`):
+its unit is not done, and is tried again.
 """
 from __future__ import annotations
 
@@ -11,19 +14,16 @@ import gzip
 import re
 import tarfile
 import zlib
+from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 from webdataset.tariterators import base_plus_ext
 
-from eva_open_clip.embed.inputs import is_url
+from eva_open_clip.embed.remote import ReadFailed, RemoteOptions, RemoteStream, is_url, open_remote
 from eva_open_clip.embed.skips import UNREADABLE, Reason, Skip
 
 MAX_MEMBER_BYTES = 1 << 30  # a larger member is not read: its sample is a `member_too_large` skip
-
-
 TOO_LARGE = object()  # stands for the data of such a member
-
-
 _WDS_META = re.compile(r'__[^/]*__($|/)')  # webdataset's members that belong to no sample
 
 
@@ -32,11 +32,13 @@ class _CountedStream:
 
     def __init__(self, raw: BinaryIO):
         # read1: what can be had now, so that a gzip stream cut short gives its bytes before the cut
-        self.read_some, self.total, self.tail = getattr(raw, 'read1', raw.read), 0, b''
+        self.read_some, self.total, self.tail, self.head = getattr(raw, 'read1', raw.read), 0, b'', b''
         self.all_zero = True  # so far: an empty archive is nothing but zero blocks
 
     def read(self, size: int = -1) -> bytes:
         data = self.read_some(size)
+        if len(self.head) < 40:  # for messages about what a stream holds instead of a tar
+            self.head = (self.head + data)[:40]
         self.total += len(data)
         if self.all_zero and data.count(0) != len(data):
             self.all_zero = False
@@ -53,36 +55,57 @@ class _CountedStream:
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
+@dataclass
+class ShardRead:
+    """What reading a shard gave beside its members: a remote shard's bytes and their SHA-256 (once read to its
+    end), or why its read failed."""
+
+    size: int | None = None
+    sha256: str | None = None
+    failure: ReadFailed | None = None
+
+    def record(self) -> dict | None:
+        """The unit record's account of a remote shard's bytes."""
+        return None if self.sha256 is None else {'bytes': self.size, 'sha256': self.sha256}
+
+
 @contextlib.contextmanager
-def _open_shard(shard: str) -> Iterator[BinaryIO]:
-    """A local shard's file, or a URL's stream through webdataset's opener (a failed command: OSError on close)."""
-    if not is_url(shard):
-        with open(shard, 'rb') as f:
-            yield f
-        return
-    from webdataset.gopen import gopen
-    stream = gopen(shard, 'rb')
+def _open_shard(shard: str, remote: RemoteOptions) -> Iterator[BinaryIO]:
+    """A local shard's file, or a URL's stream (`remote.open_remote`), closed on the way out."""
+    raw = open(shard, 'rb') if not is_url(shard) else open_remote(shard, remote)
     try:
-        yield stream
+        yield raw
     finally:
-        stream.close()
+        raw.close()
 
 
-def tar_members(shard: str) -> Iterator[tuple[str, str, bytes] | Skip]:
+def tar_members(shard: str, remote: RemoteOptions = RemoteOptions(),
+                read: ShardRead | None = None) -> Iterator[tuple[str, str, bytes] | Skip]:
     """(sample key, extension, data) of each member of a shard in order, then a `Skip` if it is damaged.
 
     A member cut short is not yielded: the Skip carries its sample's key, and that sample is lost. A
-    shard that could not be opened or read to its end (a URL not found, a command that failed) ends
-    with a Skip of reason UNREADABLE: its unit is not done, and is tried again by the next run.
+    shard that could not be opened or read to its end (a URL not found, a command that failed), and a
+    remote one that is damaged or holds no member, ends with a Skip of reason UNREADABLE (`read.failure`
+    says why): its unit is not done, and is tried again.
     """
+    read = read if read is not None else ShardRead()
     damage = None
     try:
-        with _open_shard(shard) as raw:
-            for item in _members_of(shard, raw):
-                if isinstance(item, Skip):
-                    damage = item
-                    break
-                yield item
+        with _open_shard(shard, remote) as raw:
+            gzipped = re.search(r'\.(tar\.gz|tgz)\b', shard) if is_url(shard) else shard.endswith(('.gz', '.tgz'))
+            stream = _CountedStream(gzip.GzipFile(fileobj=raw) if gzipped else raw)
+            if isinstance(raw, RemoteStream):
+                yield from _trusted(_members_of(stream), stream)
+                read.size, read.sha256 = raw.size, raw.sha256
+            else:
+                for item in _members_of(stream):
+                    if isinstance(item, Skip):
+                        damage = item
+                        break
+                    yield item
+    except ReadFailed as e:
+        read.failure = e
+        damage = Skip(None, UNREADABLE, f'could not be read ({e})')
     except OSError as e:
         damage = Skip(damage.key if damage else None, UNREADABLE, f'could not be read ({str(e)[:300]})')
     except Exception as e:  # whatever else a damaged archive makes tarfile raise: damage, not a stop
@@ -91,9 +114,20 @@ def tar_members(shard: str) -> Iterator[tuple[str, str, bytes] | Skip]:
         yield damage
 
 
-def _members_of(shard: str, raw: BinaryIO) -> Iterator[tuple[str, str, bytes] | Skip]:
-    gzipped = re.search(r'\.(tar\.gz|tgz)\b', shard) if is_url(shard) else shard.endswith(('.gz', '.tgz'))
-    stream = _CountedStream(gzip.GzipFile(fileobj=raw) if gzipped else raw)
+def _trusted(members: Iterator, stream: _CountedStream) -> Iterator[tuple[str, str, bytes]]:
+    """The members of a remote stream, read to its end; damage, or no member at all, is a failed read."""
+    count = 0
+    for item in members:
+        if isinstance(item, Skip):
+            raise ReadFailed(f'damaged or cut short ({item.detail})' if count else
+                             f'not a tar archive: it begins with {stream.head!r}')
+        count += 1
+        yield item
+    if not count:
+        raise ReadFailed('it holds no tar member')
+
+
+def _members_of(stream: _CountedStream) -> Iterator[tuple[str, str, bytes] | Skip]:
     last = None  # the last whole member
     try:
         archive = tarfile.open(fileobj=stream, mode='r|')

@@ -7,8 +7,9 @@ units (each done record names its sources, and is the truth about what is on dis
 units of `DIR/units.jsonl` (one JSON line per unit: its number, and its sources with the identity
 that shows a change). A source already recorded stays in its unit, so no done unit's rows ever move;
 sources that were added since (a new shard, a new file in a folder, new lines in a list) go into new
-units numbered after the recorded ones; a recorded source that changed or disappeared is refused by
-name. A damaged or missing `units.jsonl` is rebuilt from the done records.
+units numbered after the recorded ones; a source of a done unit that changed or disappeared is refused by
+name, while a unit not done follows its sources (see `plan_units`). A damaged or missing `units.jsonl` is
+rebuilt from the done records.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from eva_open_clip.embed.inputs import Duplicates, InputError, Source, input_sources, unique_sources
+from eva_open_clip.embed.inputs import InputError, Listing, Source, list_sources
 from eva_open_clip.embed.store.paths import UNITS_FILE
 from eva_open_clip.embed.store.unit_list import read_unit_list, write_unit_list
 from eva_open_clip.errors import param
@@ -76,10 +77,10 @@ def group_units(sources: Iterable[Source], part_size: int, start: int = 0) -> li
     return units
 
 
-def list_units(inputs: Sequence[str], files_from: str | None, part_size: int) -> tuple[list[Unit], Duplicates]:
-    """The units of the inputs (each source once), numbered from 0 in input order, and the duplicates dropped."""
-    sources, duplicates = unique_sources(input_sources(inputs, files_from))
-    return group_units(sources, part_size), duplicates
+def list_units(inputs: Sequence[str], files_from: str | None, part_size: int) -> tuple[list[Unit], Listing]:
+    """The units of the inputs (each source once), numbered from 0 in input order, and what listing passed by."""
+    sources, listing = list_sources(inputs, files_from)
+    return group_units(sources, part_size), listing
 
 
 def read_units(out: Path) -> list[Unit] | None:
@@ -109,16 +110,11 @@ def _recorded(out: Path, done: dict[int, Unit]) -> tuple[list[Unit], list[Unit] 
     return [units[i] for i in sorted(units)], listed, note
 
 
-def plan_units(out: Path, inputs: Sequence[str], files_from: str | None, part_size: int,
-               done: dict[int, Unit]) -> tuple[list[Unit], Duplicates, str | None]:
-    """The job's units (the recorded ones, then units of the sources added since; recorded anew if changed),
-    the duplicate inputs dropped, and a note when units.jsonl had to be rebuilt."""
-    current, duplicates = unique_sources(input_sources(inputs, files_from))
-    recorded, listed, note = _recorded(out, done)
-    now = {s.real: s for s in current}
+def _check_done(out: Path, unit: Unit, now: dict[str, Source]) -> None:
+    """A done unit's sources are all among the inputs, unchanged: no row of the folder may move."""
     remedy = (f'restore it, or embed into a new {param("out")} folder (the inputs of {out} are listed in '
               f'{out / UNITS_FILE})')
-    for source in (s for unit in recorded for s in unit.sources):
+    for source in unit.sources:
         found = now.get(source.real)
         if found is None:
             raise InputError(f'{source.path}: embedded into {out} before, but no longer among the inputs; {remedy}')
@@ -127,9 +123,29 @@ def plan_units(out: Path, inputs: Sequence[str], files_from: str | None, part_si
                             (('size', source.size, found.size), ('mtime_ns', source.mtime_ns, found.mtime_ns))
                             if a != b)
             raise InputError(f'{source.path}: changed since it was listed for {out} ({was}); {remedy}')
+
+
+def plan_units(out: Path, inputs: Sequence[str], files_from: str | None, part_size: int,
+               done: dict[int, Unit]) -> tuple[list[Unit], Listing, str | None]:
+    """The job's units (the recorded ones, then units of the sources added since; recorded anew if changed),
+    what listing the inputs passed by, and a note when units.jsonl had to be rebuilt.
+
+    Only done units are held to their sources; a unit not done takes its sources as the inputs give them now
+    (a URL signed anew, a file changed), and leaves out those no longer among them (a shard that stays lost).
+    """
+    current, listing = list_sources(inputs, files_from)
+    recorded, listed, note = _recorded(out, done)
+    now = {s.real: s for s in current}
+    units = []
+    for unit in recorded:
+        if unit.index in done:
+            _check_done(out, unit, now)
+            units.append(unit)
+        elif any(s.real in now for s in unit.sources):
+            units.append(Unit(unit.index, tuple(now[s.real] for s in unit.sources if s.real in now)))
     known = {s.real for unit in recorded for s in unit.sources}
     added = [s for s in current if s.real not in known]
-    units = recorded + group_units(added, part_size, start=recorded[-1].index + 1 if recorded else 0)
+    units += group_units(added, part_size, start=recorded[-1].index + 1 if recorded else 0)
     if units != listed:
         write_unit_list(out, [unit.entry() for unit in units])
-    return units, duplicates, note
+    return units, listing, note

@@ -249,20 +249,20 @@ def test_small_shared_memory_lowers_the_prefetch_or_says_what_to_do(tiny, tmp_pa
     reference = run_embed(tiny, pattern, '--workers', '2', out=tmp_path / 'reference')
     assert reference.returncode == 0, reference.stderr[-3000:]
     cli = COMMANDS['module']
-    # the tiny model's batches of 16: 0.57 MiB each, counted twice while handed over; 6 MiB holds 2 per worker
-    # for 2 workers, not 4
-    result = _with_small_shm('6m', [*cli, *embed_command(tiny, pattern, '--workers', '2', '--batch-size', '16',
+    # the tiny model's batches of 64 uint8 pictures: 0.57 MiB each, counted twice while handed over; 6 MiB holds 2
+    # per worker for 2 workers, not 4
+    result = _with_small_shm('6m', [*cli, *embed_command(tiny, pattern, '--workers', '2', '--batch-size', '64',
                                                out=tmp_path / 'out')])
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'note: /dev/shm has 6 MB free: each decoding worker keeps 2 batch(es) ready instead of 4' in result.stderr
     same_rows(tmp_path / 'reference', tmp_path / 'out')
-    # batches of 256 (9.6 MB): not one fits
+    # batches of 256 (2.3 MiB): not one fits
     result = _with_small_shm('8m', [*cli, *embed_command(tiny, pattern, '--workers', '2', '--batch-size', '256',
                                                 out=tmp_path / 'big')])
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         'eva-open-clip embed: /dev/shm has 8 MB free, too little for 2 decoding worker(s) handing over batches of '
-        '9 MB: give the container more shared memory (e.g. docker run --shm-size 8g), or lower --batch-size or '
+        '2 MB: give the container more shared memory (e.g. docker run --shm-size 8g), or lower --batch-size or '
         '--workers (--workers 0 decodes in this process)')
 
 

@@ -56,7 +56,7 @@ from eva_open_clip.errors import UsageError, param
 
 FORMAT_VERSION = 3
 # settings added since format 3 began, with the value that the folders written before them were made with
-IMPLIED = {'decode': 'exact'}
+IMPLIED = {'decode': 'exact', 'quantize': 'none'}
 
 
 @dataclass
@@ -71,6 +71,7 @@ class FolderSettings:
     pretrained: str
     precision: str
     decode: str
+    quantize: str
     part_size: int
     captions: bool
     image_keys: list[str]
@@ -322,14 +323,15 @@ class FolderWriter:
         while len(rows.rows) >= self.part_size:
             self._write_part(unit, rows, self.part_size)
 
-    def finish_unit(self, unit: int, source: str | bytes, sources: list[dict]) -> UnitRecord:
+    def finish_unit(self, unit: int, source: str | bytes, sources: list[dict], read: dict | None = None) -> UnitRecord:
         """Write `unit`'s last part and then its record (`source`: what people know it by, `sources`: the
-        identities of what it was made from): the unit is done."""
+        identities of what it was made from, `read`: a remote shard's bytes and SHA-256): the unit is done."""
         rows = self.units.pop(unit, None) or _UnitRows()
         if rows.rows:
             self._write_part(unit, rows, len(rows.rows))
         record = UnitRecord(unit=unit, source=name_text(source), sources=sources, settings=self.settings,
-                            batch_size=self.batch_size, rows=rows.total, parts=rows.parts, skipped=rows.skipped)
+                            batch_size=self.batch_size, rows=rows.total, parts=rows.parts, skipped=rows.skipped,
+                            read=read)
         write_text(record_path(self.out, unit), record.to_json())
         self.finished.append(record)
         return record
@@ -356,6 +358,15 @@ class FolderWriter:
         meta = f'metadata/metadata_{name}.parquet'
         files[meta] = write_atomic(self.out / meta, lambda p: self.write_table(table, p))
         unit.parts.append(Part(name=name, rows=rows, files=files, columns=kinds))
+
+
+def give_up(out: Path, settings: FolderSettings, unit: int, source: str | bytes, sources: list[dict],
+            why: str) -> UnitRecord:
+    """Record `unit` (a shard that could not be read) as given up on for good: done, with no rows."""
+    record = UnitRecord(unit=unit, source=name_text(source), sources=sources, settings=settings.as_json(),
+                        batch_size=0, rows=0, parts=[], skipped=[], given_up=why)
+    write_text(record_path(out, unit), record.to_json())
+    return record
 
 
 def _conform_metadata(out: Path, records: list[UnitRecord]) -> None:
@@ -386,7 +397,8 @@ def finish_folder(out: Path, settings: FolderSettings, ranks: list[RankCounts]) 
             reasons[s.reason] = reasons.get(s.reason, 0) + 1
     summary = Summary(model=settings.model, pretrained=settings.pretrained, precision=settings.precision,
                       units=len(records), rows=sum(r.rows for r in records), parts=sum(len(r.parts) for r in records),
-                      skipped=sum(len(r.skipped) for r in records), skipped_by_reason=reasons, ranks=ranks)
+                      skipped=sum(len(r.skipped) for r in records), skipped_by_reason=reasons, ranks=ranks,
+                      given_up=[r.source for r in records if r.given_up])
     write_text(out / SUMMARY_FILE, summary.to_json())
     for record in (out / RANKS).iterdir():
         if RECORD_NAME.fullmatch(record.name):

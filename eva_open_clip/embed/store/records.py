@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -35,7 +35,9 @@ class SkipRecord:
 @dataclass
 class UnitRecord:
     """A finished unit: written last for it; the truth of the folder. `sources` are the identities of what it
-    was made from (each with its `path` and `real`, the resolved path or URL that names it once)."""
+    was made from (each with its `path` and `real`, the resolved path or URL that names it once); `read`, a
+    remote shard's bytes and their SHA-256; `given_up`, why a shard that could not be read was given up on
+    (it has no rows)."""
 
     unit: int
     source: str
@@ -45,6 +47,8 @@ class UnitRecord:
     rows: int
     parts: list[Part]
     skipped: list[SkipRecord]
+    read: dict | None = None
+    given_up: str | None = None
 
     def to_json(self) -> str:
         return _record_text(self)
@@ -111,6 +115,7 @@ class Summary:
     skipped: int
     skipped_by_reason: dict[str, int]
     ranks: list[RankCounts]
+    given_up: list[str] = field(default_factory=list)  # shards given up on for good, with no rows
 
     def to_json(self) -> str:
         return _record_text(self, indent=2)
