@@ -24,10 +24,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import quantize
+
 
 @dataclass
 class _Build:
     device: torch.device
+    quantize: str | None = None
     constructing: bool = True
     buffers: dict[tuple[nn.Module, str], torch.Tensor] = field(default_factory=dict)
 
@@ -58,10 +61,11 @@ def _register_buffer(self: nn.Module, name: str, tensor: torch.Tensor | None, pe
 
 
 @contextlib.contextmanager
-def empty_build(device: str | torch.device) -> Iterator[None]:
-    """Within this block, modules are built with parameters on the meta device, to be filled on `device`."""
+def empty_build(device: str | torch.device, quantize: str | None = None) -> Iterator[None]:
+    """Within this block, modules are built with parameters on the meta device, to be filled on `device` (the
+    linear layers' matrices as int8 with `quantize='int8'`: see `quantize`)."""
     global _ACTIVE
-    token = _BUILD.set(_Build(torch.device(device)))
+    token = _BUILD.set(_Build(torch.device(device), quantize))
     with _LOCK:
         _ACTIVE += 1
         nn.Module.register_parameter, nn.Module.register_buffer = _register_parameter, _register_buffer
@@ -85,7 +89,8 @@ def end_construction() -> None:
 def fill_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
     """Set parameter or buffer `key` of `module` to `value`, cast to its dtype, without a second copy.
 
-    An empty (meta) entry is created on the build's device; a real one is copied into in place.
+    An empty (meta) entry is created on the build's device (a linear layer's matrix quantized at once, when
+    the build quantizes); a real one is copied into in place.
     """
     path, _, name = key.rpartition('.')
     owner = module.get_submodule(path) if path else module
@@ -96,6 +101,9 @@ def fill_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
     build = _BUILD.get()
     device = build.device if build is not None else torch.device('cpu')
     tensor = torch.empty(target.shape, dtype=target.dtype, device=device).copy_(value)
+    if build is not None and build.quantize and quantize.quantizable(owner, name):
+        setattr(owner, name, quantize.int8_weight(tensor))  # the full-precision layer is freed with `tensor`
+        return
     setattr(owner, name, nn.Parameter(tensor, requires_grad=target.requires_grad)
             if isinstance(target, nn.Parameter) else tensor)
 

@@ -13,6 +13,7 @@ from eva_open_clip.checkpoint import CheckpointError
 from eva_open_clip.errors import ToolError, UsageError, UserError, did_you_mean, param, say
 from eva_open_clip.hub import ensure_downloaded
 from eva_open_clip.open_clip_seam import check_pretrained
+from eva_open_clip.quantize import check as check_quantize
 
 
 def check_model(name: str) -> None:
@@ -48,19 +49,22 @@ def resolve_pretrained(model_name: str, pretrained: str | None) -> str:
 _OUT_OF_MEMORY = (torch.cuda.OutOfMemoryError, MemoryError)
 
 
-def load_model(model_name: str, pretrained: str | None, device: str, precision: str):
-    """(model in eval mode, inference transform, tokenizer) for a registered model and a tag or path.
+def load_model(model_name: str, pretrained: str | None, device: str, precision: str, quantize: str | None = None):
+    """(model in eval mode, inference transform, tokenizer) for a registered model and a tag or path, its linear
+    layers int8 with `quantize='int8'` (see `eva_open_clip.quantize`).
 
     A tag's file is downloaded first (failing at once when the hub cannot be reached). What open_clip
     or timm raise for a file of another architecture is said in one line naming both.
     """
     check_model(model_name)
     pretrained = resolve_pretrained(model_name, pretrained)
+    check_quantize(quantize)
     if get_pretrained_cfg(model_name, pretrained):
         ensure_downloaded(model_name, pretrained)
     try:
         model, preprocess = open_clip.create_model_from_pretrained(
-            model_name, pretrained=pretrained, device=device, precision=precision)
+            model_name, pretrained=pretrained, device=device, precision=precision,
+            **({'quantize': quantize} if quantize else {}))
     except UserError:
         raise
     except (AssertionError, KeyError, RuntimeError, ValueError, TypeError, MemoryError) as e:

@@ -16,6 +16,8 @@ nothing else in the package touches open_clip's private state:
    is told to place it on the meta device; open_clip casts it there to the requested precision, and
    the checkpoint's tensors are then created straight on the requested device in their final dtype.
    Every supported open_clip (2.24 to 3.x) applies device and precision before loading a checkpoint.
+   The wrapper also takes this package's keyword `quantize='int8'` (see `quantize`), which reaches it
+   through `create_model_and_transforms` and `create_model_from_pretrained` as a model keyword.
 5. Methods that older open_clip releases lack, called on EVA models, get a stand-in that names the
    release they need: `CustomTextCLIP.forward_intermediates` (open_clip < 2.32) and
    `TextTransformer.lock`, which `lock_text_tower` calls (open_clip < 3.1).
@@ -40,8 +42,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.models.eva import Eva
 from torch.nn.modules.module import _IncompatibleKeys
 
-from . import checkpoint, empty_build, versions
-from .errors import did_you_mean
+from . import checkpoint, empty_build, quantize, versions
+from .errors import UsageError, did_you_mean, param
 from .tower import is_eva_tower_name
 
 _WRAPPED = '__eva_open_clip_wrapped__'
@@ -112,18 +114,28 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def create_model(*args: Any, **kwargs: Any):
         name = str(args[0] if args else kwargs.get('model_name', '')).replace('/', '-')  # as open_clip looks it up
+        int8 = kwargs.pop('quantize', None)  # this package's keyword (see `quantize`)
         if get_eva_model(name) is None:
+            if int8 is not None:
+                raise UsageError(f"{param('quantize', int8)}: {name} is not an EVA-CLIP model; quantize is for those")
             return original(*args, **kwargs)
+        quantize.check(int8)
         versions.check_create_model_args(set(signature.parameters), kwargs)
         bound = signature.bind_partial(*args, **kwargs)
         arguments = bound.arguments
         if not (arguments.get('pretrained') and arguments.get('load_weights', True)):
-            return original(*args, **kwargs)
+            model = original(*args, **kwargs)
+            if int8:
+                quantize.quantize_model(model)
+            return model
         check_pretrained(name, str(arguments['pretrained']))
         device = arguments.get('device', 'cpu')
         arguments['device'] = 'meta'  # open_clip places and casts the empty model; loading fills it on `device`
-        with empty_build.empty_build(device):
-            return original(*bound.args, **bound.kwargs)
+        with empty_build.empty_build(device, int8):
+            model = original(*bound.args, **bound.kwargs)
+        if int8:
+            quantize.mark(model)
+        return model
     return create_model
 
 

@@ -24,32 +24,41 @@ class EvaModel:
 
 
 class Release(NamedTuple):
-    """A released EVA-CLIP model: its open_clip name and tag, its file on the Hugging Face hub, its size."""
+    """A released EVA-CLIP model: its open_clip name and tag, its file on the Hugging Face hub, its size, and the
+    memory its weights take in bf16 and with int8 linear layers (`quantize.weight_bytes`, in GB)."""
 
     name: str
     tag: str
     hub_file: str  # 'org/repo/file'
     params: str  # parameters, as counted in the built model
     file_size: str  # the released file's size and (where not fp16) dtype
+    bf16_gb: float
+    int8_gb: float
 
 
 BUILTIN_MODELS: tuple[Release, ...] = (
-    Release('EVA_CLIP_g_14', 'laion400m_s11b_b41k', 'BAAI/EVA/eva_clip_psz14.pt', '1.14B', '2.3 GB'),
-    Release('EVA01-CLIP-g-14', 'laion400m_s11b_b41k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_psz14_s11B.pt', '1.14B',
-            '2.3 GB'),
+    Release('EVA_CLIP_g_14', 'laion400m_s11b_b41k', 'BAAI/EVA/eva_clip_psz14.pt',
+            '1.14B', '2.3 GB', 2.27, 1.21),
+    Release('EVA01-CLIP-g-14', 'laion400m_s11b_b41k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_psz14_s11B.pt',
+            '1.14B', '2.3 GB', 2.27, 1.21),
     Release('EVA01-CLIP-g-14-plus', 'merged2b_s11b_b114k', 'QuanSun/EVA-CLIP/EVA01_CLIP_g_14_plus_psz14_s11B.pt',
-            '1.37B', '2.7 GB'),
-    Release('EVA02-CLIP-B-16', 'merged2b_s8b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt', '150M', '0.3 GB'),
-    Release('EVA02-CLIP-L-14', 'merged2b_s4b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_psz14_s4B.pt', '428M', '0.9 GB'),
-    Release('EVA02-CLIP-L-14-336', 'merged2b_s6b_b61k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_336_psz14_s6B.pt', '428M',
-            '0.9 GB'),
-    Release('EVA02-CLIP-bigE-14', 'laion2b_s4b_b115k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_s4B.pt', '4.7B', '9.4 GB'),
+            '1.37B', '2.7 GB', 2.73, 1.52),
+    Release('EVA02-CLIP-B-16', 'merged2b_s8b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt',
+            '150M', '0.3 GB', 0.3, 0.19),
+    Release('EVA02-CLIP-L-14', 'merged2b_s4b_b131k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_psz14_s4B.pt',
+            '428M', '0.9 GB', 0.86, 0.5),
+    Release('EVA02-CLIP-L-14-336', 'merged2b_s6b_b61k', 'QuanSun/EVA-CLIP/EVA02_CLIP_L_336_psz14_s6B.pt',
+            '428M', '0.9 GB', 0.86, 0.5),
+    Release('EVA02-CLIP-bigE-14', 'laion2b_s4b_b115k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_s4B.pt',
+            '4.7B', '9.4 GB', 9.41, 4.87),
     Release('EVA02-CLIP-bigE-14-plus', 'laion2b_s9b_b144k', 'QuanSun/EVA-CLIP/EVA02_CLIP_E_psz14_plus_s9B.pt',
-            '5.0B', '10.1 GB bf16'),
-    Release('EVA-CLIP-8B', 'merged2b_s9b', 'BAAI/EVA-CLIP-8B/EVA_CLIP_8B_psz14_s9B.pt', '8.2B', '32.9 GB fp32'),
-    Release('EVA-CLIP-8B-448', 'merged2b_s0.6b', 'BAAI/EVA-CLIP-8B-448/EVA_CLIP_8B_psz14_plus_s0.6B.pt', '8.2B',
-            '32.9 GB fp32'),  # the EVA-CLIP-18B code's 'EVA-CLIP-8B-plus'
-    Release('EVA-CLIP-18B', 'merged2b_s6b', 'BAAI/EVA-CLIP-18B/EVA_CLIP_18B_psz14_s6B.fp16.pt', '18.3B', '36.7 GB'),
+            '5.0B', '10.1 GB bf16', 10.09, 5.33),
+    Release('EVA-CLIP-8B', 'merged2b_s9b', 'BAAI/EVA-CLIP-8B/EVA_CLIP_8B_psz14_s9B.pt',
+            '8.2B', '32.9 GB fp32', 16.44, 8.51),
+    Release('EVA-CLIP-8B-448', 'merged2b_s0.6b', 'BAAI/EVA-CLIP-8B-448/EVA_CLIP_8B_psz14_plus_s0.6B.pt',
+            '8.2B', '32.9 GB fp32', 16.45, 8.51),  # the EVA-CLIP-18B code's 'EVA-CLIP-8B-plus'
+    Release('EVA-CLIP-18B', 'merged2b_s6b', 'BAAI/EVA-CLIP-18B/EVA_CLIP_18B_psz14_s6B.fp16.pt',
+            '18.3B', '36.7 GB', 36.65, 18.62),
 )
 
 _MODELS: dict[str, EvaModel] = {}

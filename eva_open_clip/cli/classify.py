@@ -64,6 +64,6 @@ def run(args: argparse.Namespace) -> int:
                          f'(classify {swallowed[0]} --labels ...)')
     results = classify(args.images, labels or README_LABELS, model=args.model, pretrained=args.pretrained,
                        device=args.device, precision=args.precision, template=args.template, top_k=args.top_k,
-                       compile=args.compile)
+                       compile=args.compile, quantize=None if args.quantize == 'none' else args.quantize)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0

@@ -42,6 +42,9 @@ def add_model_options(parser: argparse.ArgumentParser, precision_help: str = PRE
                        help="checkpoint path or pretrained tag (default: the model's hub tag, downloaded once)")
     group.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
     group.add_argument('--precision', default=None, choices=PRECISIONS, help=precision_help)
+    group.add_argument('--quantize', default=None, choices=('int8', 'none'),
+                       help="int8: the linear layers' weights as int8 (torchao; half of bf16's memory, within about "
+                            '1e-3 of the features), for inference (default: none; a resumed folder keeps its own)')
     group.add_argument('--compile', action='store_true',
                        help='compile the encoders with torch.compile (fullgraph; one graph for every batch, the '
                             'last padded): faster on a GPU after a minute of compiling')

@@ -24,6 +24,7 @@ from eva_open_clip.durable import check_empty, write_folder
 from eva_open_clip.errors import UsageError, param
 from eva_open_clip.export import model_config
 from eva_open_clip.loading import check_model, load_model, resolve_pretrained
+from eva_open_clip.quantize import refuse as refuse_quantized
 from eva_open_clip.registry import require_eva_model
 from eva_open_clip.versions import ONNX_EXPORT_TORCH, require_torch
 
@@ -83,6 +84,7 @@ def export_onnx(model: torch.nn.Module, model_name: str, out_dir: str | os.PathL
     Weights above `external_data_threshold` bytes go to `model.onnx.data` beside each graph. An existing
     non-empty `out_dir` is replaced only with `force`.
     """
+    refuse_quantized(model, 'export-onnx')
     dtype = next(model.parameters()).dtype
     check_export(out_dir, {torch.float32: 'fp32', torch.float16: 'fp16'}.get(dtype, str(dtype)), quantize, force)
     return _write(model, model_name, Path(out_dir), quantize, force, external_data_threshold)

@@ -145,14 +145,14 @@ class Encoder:
 
 
 def load_encoder(model_name: str, pretrained: str | None, device: str | None, precision: str,
-                 compile: bool = False, batch_size: int | None = None) -> Encoder:
+                 compile: bool = False, batch_size: int | None = None, quantize: str | None = None) -> Encoder:
     """The encoder of a registered model and a tag or file (see `loading.load_model`), on `device` (the default
     device when None)."""
     from eva_open_clip.embed.cpu_memory import keep_freed_memory
     from eva_open_clip.embed.devices import default_device
     from eva_open_clip.loading import load_model
     device = device or default_device()
-    model, preprocess, tokenizer = load_model(model_name, pretrained, device, precision)
+    model, preprocess, tokenizer = load_model(model_name, pretrained, device, precision, quantize)
     if device == 'cpu':
         keep_freed_memory()
     return Encoder(model, preprocess, tokenizer, device, precision, compile, batch_size)

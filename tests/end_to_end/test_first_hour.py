@@ -226,25 +226,32 @@ def test_models_lists_names_tags_files_and_the_cache(files, tmp_path):
     assert list(rows) == [*(r.name for r in BUILTIN_MODELS), 'test-tiny_a']
     for release in BUILTIN_MODELS:
         assert rows[release.name] == dict(model=release.name, tag=release.tag, params=release.params,
+                                          bf16=f'{release.bf16_gb:g} GB', int8=f'{release.int8_gb:g} GB',
                                           hub_file=release.hub_file, file_size=release.file_size,
                                           cached=str(cached) if release.name == 'EVA02-CLIP-B-16' else None)
-    n = sum(p.numel() for p in open_clip.create_model(register_reference('tiny_a')).parameters())
-    assert rows['test-tiny_a'] == dict(model='test-tiny_a', tag=None, params=f'{n / 1e6:.3g}M', hub_file=None,
-                                   file_size=None, cached=None)
+    model = open_clip.create_model(register_reference('tiny_a'))
+    n = sum(p.numel() for p in model.parameters())
+    assert rows['test-tiny_a'] == dict(model='test-tiny_a', tag=None, params=f'{n / 1e6:.3g}M',
+                                       bf16=f'{round(2 * n / 1e9, 2):g} GB', int8='0 GB', hub_file=None,
+                                       file_size=None, cached=None)
     table = run_cli('models', env=env)
     assert table.returncode == 0 and 'Traceback' not in table.stderr and 'eva-open-clip' not in table.stderr
     b16 = next(line for line in table.stdout.splitlines() if line.startswith('EVA02-CLIP-B-16 '))
-    assert b16.split() == ['EVA02-CLIP-B-16', 'merged2b_s8b_b131k', '150M',
+    assert b16.split() == ['EVA02-CLIP-B-16', 'merged2b_s8b_b131k', '150M', '0.3', 'GB', '0.19', 'GB',
                            'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt', '0.3', 'GB', 'yes']
     assert table.stdout.splitlines()[1].split()[-1] == 'no'
 
 
-def test_the_parameter_counts_listed_are_the_built_models():
+def test_the_parameter_counts_and_memory_listed_are_the_built_models():
     from eva_open_clip.empty_build import meta_model
+    from eva_open_clip.quantize import weight_bytes
     for release in BUILTIN_MODELS:
-        n = sum(p.numel() for p in meta_model(release.name).parameters())
+        model = meta_model(release.name)
+        n = sum(p.numel() for p in model.parameters())
         shown = f'{n / 1e9:.3g}B' if n >= 1e9 else f'{n / 1e6:.3g}M'
         assert release.params in (shown, f'{n / 1e9:.2f}B', f'{n / 1e9:.1f}B'), (release.name, n)
+        assert (release.bf16_gb, release.int8_gb) == (round(weight_bytes(model) / 1e9, 2),
+                                                      round(weight_bytes(model, 'int8') / 1e9, 2)), release.name
 
 
 def test_a_misspelled_tag_from_python_lists_the_tags():

@@ -32,6 +32,13 @@ def needs_timm(version: tuple[int, ...], feature: str):
                               f"{'.'.join(map(str, version))} (installed: {versions.TIMM_VERSION})")
 
 
+def needs_int8():
+    """Skip where `quantize='int8'` cannot run (tests/plugin/test_quantize.py checks its error there)."""
+    from eva_open_clip.quantize import TORCH
+    missing = importlib.util.find_spec('torchao') is None or not versions.at_least(versions.TORCH, TORCH)
+    return pytest.mark.skipif(missing, reason="quantize='int8' needs torch >= 2.6 and torchao (the int8 extra)")
+
+
 def needs_trainer():
     """Skip where open_clip's trainer cannot run: its dependencies come with the `train` extra."""
     missing = [m for m in ('pandas', 'fsspec') if importlib.util.find_spec(m) is None]
