@@ -217,15 +217,27 @@ def load_into(model: nn.Module, path: str | os.PathLike, strict: bool = True, we
     return checked
 
 
+def load_tower(model: nn.Module, tower: str, path: str | os.PathLike, weights_only: bool = True,
+               part_of_release: bool = False) -> None:
+    """Load a file holding one tower (`visual` or `text`; keys with the `tower.` prefix or without) into
+    `model.<tower>`, as strictly as a whole checkpoint; with `part_of_release`, that tower's part of a whole
+    release (the rest of the file left aside)."""
+    state_dict = read_state_dict(path, weights_only=weights_only)
+    if part_of_release:
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith(f'{tower}.') and k != 'text.logit_scale'}
+        if not state_dict:
+            raise CheckpointError(path, f'holds no {tower}. key: not a release with that tower')
+    prefix = '' if any(k.startswith(f'{tower}.') for k in state_dict) else f'{tower}.'
+    state_dict = {prefix + k: v for k, v in state_dict.items()}
+    holder = nn.Module()
+    setattr(holder, tower, getattr(model, tower))  # a view of the model holding only that tower
+    copy_into(holder, check_and_convert(path, state_dict, holder, added_prefix=prefix).state_dict,
+              release=_is_mapped(path))
+
+
 def load_image_tower(model: nn.Module, path: str | os.PathLike, weights_only: bool = True) -> None:
     """Load a file holding only the image tower (the `visual.` part of a release) into `model.visual`.
 
     Keys may carry the `visual.` prefix or not; the load is as strict as for full checkpoints.
     """
-    state_dict = read_state_dict(path, weights_only=weights_only)
-    prefix = '' if any(k.startswith('visual.') for k in state_dict) else 'visual.'
-    state_dict = {prefix + k: v for k, v in state_dict.items()}
-    holder = nn.Module()
-    holder.visual = model.visual  # a view of the model holding only its image tower
-    copy_into(holder, check_and_convert(path, state_dict, holder, added_prefix=prefix).state_dict,
-              release=_is_mapped(path))
+    load_tower(model, 'visual', path, weights_only)

@@ -22,20 +22,21 @@ def hub_location(model_name: str, tag: str) -> tuple[str, str] | None:
     return repo, filename
 
 
-def cached_file(model_name: str, tag: str) -> Path | None:
-    """The tag's file in the local hub cache (where open_clip's download puts it), if it is there."""
+def cached_file(model_name: str, tag: str, cache_dir: str | None = None) -> Path | None:
+    """The tag's file in the local hub cache (where open_clip's download puts it; `cache_dir` if given), if it is
+    there."""
     from huggingface_hub import try_to_load_from_cache
     location = hub_location(model_name, tag)
     if location is None:
         return None
-    found = try_to_load_from_cache(*location)
+    found = try_to_load_from_cache(*location, cache_dir=cache_dir)
     return Path(found) if isinstance(found, str) else None
 
 
-def ensure_downloaded(model_name: str, tag: str) -> None:
+def ensure_downloaded(model_name: str, tag: str, cache_dir: str | None = None) -> None:
     """Download the tag's file into the hub cache unless it is there; an unreachable hub fails at once."""
     location = hub_location(model_name, tag)
-    if location is None or cached_file(model_name, tag) is not None:
+    if location is None or cached_file(model_name, tag, cache_dir) is not None:
         return
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import OfflineModeIsEnabled
@@ -51,4 +52,4 @@ def ensure_downloaded(model_name: str, tag: str) -> None:
             f"{param('pretrained', tag)}: {repo}/{filename} is not cached and {problem} ({reason}). Download "
             f"{filename} where there is network and pass {param('pretrained', f'/path/to/{filename}')}; on machines "
             f'without network set HF_HUB_OFFLINE=1 so that nothing waits for the hub') from None
-    download_pretrained(get_pretrained_cfg(model_name, tag))  # huggingface_hub shows its progress bar
+    download_pretrained(get_pretrained_cfg(model_name, tag), cache_dir=cache_dir)  # with huggingface_hub's bar

@@ -24,7 +24,7 @@ import eva_open_clip
 from eva_open_clip.classify import BUNDLED_IMAGE
 from eva_open_clip.embed.progress import Progress
 from eva_open_clip.registry import BUILTIN_MODELS
-from support.checkpoints import DATA, golden, register_reference, released_state_dict
+from support.checkpoints import DATA, fake_hub_cache, golden, register_reference, released_state_dict
 from support.cli import main_here, only_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,19 +206,8 @@ def test_register_on_classify_gives_the_api_probabilities(files):
     assert [got['a diagram'], got['a dog']] == pytest.approx(probs, abs=1e-6)
 
 
-def _fake_hub_cache(cache: Path, hub_file: str, content: bytes) -> Path:
-    """A hub cache holding one file, in huggingface_hub's layout."""
-    repo, _, name = hub_file.rpartition('/')
-    snapshot = cache / f'models--{repo.replace("/", "--")}' / 'snapshots' / 'c0ffee'
-    snapshot.mkdir(parents=True)
-    (snapshot.parent.parent / 'refs').mkdir()
-    (snapshot.parent.parent / 'refs' / 'main').write_text('c0ffee')
-    (snapshot / name).write_bytes(content)
-    return snapshot / name
-
-
 def test_models_lists_names_tags_files_and_the_cache(files, tmp_path):
-    cached = _fake_hub_cache(tmp_path / 'cache', 'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt', b'weights')
+    cached = fake_hub_cache(tmp_path / 'cache', 'QuanSun/EVA-CLIP/EVA02_CLIP_B_psz16_s8B.pt', b'weights')
     env = {'HF_HUB_CACHE': str(tmp_path / 'cache'), 'HF_HUB_OFFLINE': '1'}
     result = run_cli('models', '--json', '--register', f'test-tiny_a={files / "tiny_a.json"}', env=env)
     assert result.returncode == 0, result.stderr
@@ -282,7 +271,7 @@ def test_an_unreachable_hub_fails_at_once_saying_what_to_do(tmp_path):
 
 def test_a_cached_tag_loads_without_network(files, tmp_path):
     """A tag of a custom model whose file is in the cache: classified with the hub unreachable."""
-    _fake_hub_cache(tmp_path / 'cache', 'example/tiny/tiny_a.pt', (files / 'tiny_a.pt').read_bytes())
+    fake_hub_cache(tmp_path / 'cache', 'example/tiny/tiny_a.pt', (files / 'tiny_a.pt').read_bytes())
     script = tmp_path / 'classify_cached.py'
     script.write_text(
         'import sys, eva_open_clip\n'

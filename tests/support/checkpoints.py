@@ -17,6 +17,8 @@ from eva_open_clip.registry import model_configs_dir
 
 DATA = Path(__file__).resolve().parent.parent / 'data'
 REFERENCE_CASES = ('tiny_a', 'e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a')
+# the PuLID-style depth-24, 336-px EVA02 model (tests/plugin/test_eva_clip_api.py); not one of the cases above
+DEEP_CASE = 'e02_deep_tiny_a'
 G14_VALUES = 1_136_435_841
 
 
@@ -50,13 +52,18 @@ def released_state_dict(case: str) -> dict[str, torch.Tensor]:
     """The reference checkpoint of `case`, key for key and dtype for dtype as released.
 
     The committed copy keeps only the token-embedding rows that the golden captions use (the rest
-    cannot affect any golden output); the other rows are zero.
+    cannot affect any golden output); the other rows are zero. Where it says `rope_recomputed`, the rotary
+    tables (every one the same) are computed again from the config: the file's, rounded to fp16, exactly.
     """
     packed = torch.load(DATA / case / 'checkpoint_packed.pt', weights_only=True)
     values = packed['embedding_values']
     embedding = torch.zeros(packed['embedding_shape'], dtype=values.dtype)
     embedding[packed['embedding_rows']] = values
     tensors = dict(packed['tensors'], **{'text.token_embedding.weight': embedding})
+    if packed.get('rope_recomputed'):
+        v = golden(case)['config']['vision_cfg']
+        cos, sin = eva_clip_rope_tables(v['head_width'], v['image_size'] // v['patch_size'], v['pt_hw_seq_len'])
+        tensors.update({k: (cos if k.endswith('cos') else sin).half() for k in packed['keys'] if '.rope.' in k})
     return {k: tensors[k] for k in packed['keys']}
 
 
@@ -80,6 +87,17 @@ def registered(name: str, config) -> Iterator[str]:
         yield name
     finally:
         eva_open_clip.unregister_eva_model(name)
+
+
+def fake_hub_cache(cache: Path, hub_file: str, content: bytes) -> Path:
+    """A Hugging Face hub cache holding one file ('org/repo/file'), in huggingface_hub's layout."""
+    repo, _, name = hub_file.rpartition('/')
+    snapshot = cache / f'models--{repo.replace("/", "--")}' / 'snapshots' / 'c0ffee'
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / 'refs').mkdir()
+    (snapshot.parent.parent / 'refs' / 'main').write_text('c0ffee')
+    (snapshot / name).write_bytes(content)
+    return snapshot / name
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
