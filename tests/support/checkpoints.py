@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -123,6 +124,30 @@ def random_checkpoint(shapes: dict[str, list[int]], dtype=torch.float16, seed: i
                            'ln_final.weight', '_ln.weight')):
             t.fill_(1.0)
         else:
+            t.normal_(0, 0.02, generator=gen)
+        sd[key] = t.to(dtype)
+    return sd
+
+
+def synthetic_checkpoint(shapes: dict[str, list[int]], dtype=torch.float16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A checkpoint whose activations depend on the input, as the reference checkpoints were made: matrices
+    N(0, 1) / sqrt(fan_in), norm weights 1 + 0.1 N, biases and embeddings 0.02 N, positional embeddings 0.01 N,
+    the text projection N / sqrt(its first dimension), the logit scale log(100)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        t = torch.empty(shape, dtype=torch.float32)
+        if key.endswith('logit_scale'):
+            t.fill_(4.6052)
+        elif key.endswith('text_projection'):
+            t.normal_(0, 1, generator=gen).div_(shape[0] ** 0.5)
+        elif key.endswith('positional_embedding'):
+            t.normal_(0, 0.01, generator=gen)
+        elif ('norm' in key or 'ln' in key) and key.endswith('.weight'):
+            t.normal_(0, 0.1, generator=gen).add_(1.0)
+        elif len(shape) >= 2 and 'embed' not in key and 'token' not in key:
+            t.normal_(0, 1, generator=gen).div_(math.prod(shape[1:]) ** 0.5)
+        else:  # biases, q/v biases, the class token, patch and token embeddings
             t.normal_(0, 0.02, generator=gen)
         sd[key] = t.to(dtype)
     return sd
