@@ -74,14 +74,14 @@ def child_throughput(precision: str, checkpoint: str, device: str, compile_: str
     """Images/s and texts/s of EVA_CLIP_g_14 at each batch size, with FLOP/s over the GEMM peak.
 
     On the CPU one call at the largest batch warms up (and sizes the reused heap, as the command-line
-    tools do: see eva_open_clip/embed/cpu_memory.py), then each batch size is timed once (a g/14 image takes
+    tools do: see eva_open_clip/cpu_memory.py), then each batch size is timed once (a g/14 image takes
     seconds); on a GPU each size is warmed up, then timed over 5 calls.
     """
     import open_clip
     from torch.utils.flop_counter import FlopCounterMode
 
     import eva_open_clip  # noqa: F401
-    from eva_open_clip.embed.cpu_memory import keep_freed_memory
+    from eva_open_clip.cpu_memory import keep_freed_memory
     model = open_clip.create_model('EVA_CLIP_g_14', pretrained=checkpoint, precision=precision, device=device).eval()
     gpu = device.startswith('cuda')
     if not gpu:

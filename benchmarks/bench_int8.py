@@ -12,7 +12,8 @@ Sections (each prints one JSON line as it finishes, from a fresh process):
 - `fidelity`: EVA_CLIP_g_14 and EVA02-CLIP-B-16 at full size (synthetic weights whose activations depend on the
   input, as the reference checkpoints were made), int8 against the same model unquantized, in fp32 and in
   bf16: cosine of image and text features over the reference images and captions, least and mean, and
-  whether zero-shot top-1 (each image against the four captions) is unchanged.
+  whether zero-shot top-1 (each image against the four captions) is unchanged; and, for scale, the same for
+  bf16 against fp32 without int8 (what bf16 alone changes).
 - `speed`: EVA_CLIP_g_14's encode_image on this CPU at batch 1 and 8, fp32, bf16 and int8 (bf16 activations).
 - `memory`: per model and precision, the weights' bytes (counted on the model built on the meta device) and
   the activations at batch 1 and 64 at its image size, estimated from the tensor sizes of one block (the
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
@@ -49,15 +51,15 @@ def load_18b() -> dict:
         size = write_checkpoint(path, manifest(name), DTYPES['fp16'])
         written = time.perf_counter() - start
         code = f'''
-import json, resource, time, torch, open_clip, eva_open_clip
-from eva_open_clip.quantize import weight_bytes
+import json, time, torch, open_clip, eva_open_clip
 with open('/proc/self/statm') as f:
     imports = int(f.read().split()[1]) * 4096
 start = time.perf_counter()
 model, _, preprocess = open_clip.create_model_and_transforms({name!r}, pretrained={str(path)!r}, precision='bf16',
                                                              quantize='int8')
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open('/proc/self/status') as f:  # VmHWM: unlike ru_maxrss, not inherited from this process
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
 model.eval()
 tokenizer = open_clip.get_tokenizer({name!r})
 with torch.no_grad():
@@ -95,6 +97,17 @@ def _reference_inputs(preprocess):
     return pixels, golden('e02_deep_tiny_a')['captions']
 
 
+def _agreement(reference: tuple, other: tuple) -> dict:
+    """Cosines of `other`'s normalized (image, text) features with `reference`'s, and whether zero-shot top-1
+    (each image against every caption) is the same."""
+    (image, text), (image2, text2) = reference, other
+    image_cos, text_cos = (image * image2).sum(-1), (text * text2).sum(-1)
+    top1, top1_other = (image @ text.T).argmax(-1), (image2 @ text2.T).argmax(-1)
+    return dict(image_least=round(float(image_cos.min()), 6), image_mean=round(float(image_cos.mean()), 6),
+                text_least=round(float(text_cos.min()), 6), text_mean=round(float(text_cos.mean()), 6),
+                top1_unchanged=bool(torch.equal(top1, top1_other)), top1=top1.tolist())
+
+
 def fidelity() -> dict:
     import open_clip
 
@@ -109,24 +122,22 @@ def fidelity() -> dict:
             torch.save({k: sd[k] for k in shapes}, path)
             del sd
             tokenizer = open_clip.get_tokenizer(name)
+            features = {}
             for precision, dtype in (('fp32', torch.float32), ('bf16', torch.bfloat16)):
-                features = {}
                 for quantize in (None, 'int8'):
                     model, _, preprocess = open_clip.create_model_and_transforms(
                         name, pretrained=str(path), precision=precision, **({'quantize': quantize} if quantize else {}))
                     model.eval()
                     pixels, captions = _reference_inputs(preprocess)
-                    with torch.no_grad():
-                        features[quantize] = (model.encode_image(pixels.to(dtype), normalize=True).float(),
-                                              model.encode_text(tokenizer(captions), normalize=True).float())
+                    with torch.no_grad():  # normalized in fp64: a bf16 norm alone is off by up to ~0.4%
+                        features[precision, quantize] = (
+                            F.normalize(model.encode_image(pixels.to(dtype)).double(), dim=-1),
+                            F.normalize(model.encode_text(tokenizer(captions)).double(), dim=-1))
                     del model
-                (image, text), (image8, text8) = features[None], features['int8']
-                image_cos, text_cos = (image * image8).sum(-1), (text * text8).sum(-1)
-                top1, top1_int8 = (image @ text.T).argmax(-1), (image8 @ text8.T).argmax(-1)
-                rows.append(dict(model=name, precision=precision, image_least=round(float(image_cos.min()), 6),
-                                 image_mean=round(float(image_cos.mean()), 6),
-                                 text_least=round(float(text_cos.min()), 6), text_mean=round(float(text_cos.mean()), 6),
-                                 top1_unchanged=bool(torch.equal(top1, top1_int8)), top1=top1.tolist()))
+                rows.append(dict(model=name, precision=precision,
+                                 **_agreement(features[precision, None], features[precision, 'int8'])))
+            rows.append(dict(model=name, precision='bf16 against fp32 (no int8), for scale',
+                             **_agreement(features['fp32', None], features['bf16', None])))
             path.unlink()
     return dict(rows=rows)
 

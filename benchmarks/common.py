@@ -58,7 +58,7 @@ def encode_only(name: str, checkpoint: Path, batch: int, device: str = 'cpu', pr
     model's EVA-CLIP config to register first. Returns the timed images, seconds and images/s."""
     code = f'''
 import time, torch, eva_open_clip
-from eva_open_clip.embed.cpu_memory import keep_freed_memory
+from eva_open_clip.cpu_memory import keep_freed_memory
 from eva_open_clip.loading import load_model
 from eva_open_clip.embed.encoder import Encoder
 if {str(config)!r} != 'None':

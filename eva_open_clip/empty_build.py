@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import quantize
+from .cpu_memory import return_freed
 
 
 @dataclass
@@ -102,7 +103,10 @@ def fill_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
     device = build.device if build is not None else torch.device('cpu')
     tensor = torch.empty(target.shape, dtype=target.dtype, device=device).copy_(value)
     if build is not None and build.quantize and quantize.quantizable(owner, name):
-        setattr(owner, name, quantize.int8_weight(tensor))  # the full-precision layer is freed with `tensor`
+        setattr(owner, name, quantize.int8_weight(tensor))
+        del tensor  # the full-precision matrix, whose memory glibc would keep between the int8 ones
+        if device.type == 'cpu':
+            return_freed()
         return
     setattr(owner, name, nn.Parameter(tensor, requires_grad=target.requires_grad)
             if isinstance(target, nn.Parameter) else tensor)

@@ -148,7 +148,7 @@ def load_encoder(model_name: str, pretrained: str | None, device: str | None, pr
                  compile: bool = False, batch_size: int | None = None, quantize: str | None = None) -> Encoder:
     """The encoder of a registered model and a tag or file (see `loading.load_model`), on `device` (the default
     device when None)."""
-    from eva_open_clip.embed.cpu_memory import keep_freed_memory
+    from eva_open_clip.cpu_memory import keep_freed_memory
     from eva_open_clip.embed.devices import default_device
     from eva_open_clip.loading import load_model
     device = device or default_device()

@@ -3,6 +3,10 @@ open_clip's own call; features within stated bounds of the same model unquantize
 inference only, refused in one line where it cannot serve; a one-line error where torch or torchao lack it."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import open_clip
 import pytest
 import torch
@@ -67,6 +71,35 @@ def test_int8_serves_inference_only(files, tmp_path):
         open_clip.create_model('ViT-B-32', quantize='int8')
     with pytest.raises(UserError, match=r'^quantize=int4: choose from int8$'):
         open_clip.create_model(name, quantize='int4')
+
+
+# a fresh process: what its imports take (torchao's included), then its peak while loading g/14 in int8
+_PEAK = r'''
+import json, sys
+import open_clip, torch, torchao.quantization
+import eva_open_clip
+from eva_open_clip.quantize import weight_bytes
+with open('/proc/self/statm') as f:
+    imports = int(f.read().split()[1]) * 4096
+model = open_clip.create_model('EVA_CLIP_g_14', pretrained=sys.argv[1], precision='bf16', quantize='int8')
+with open('/proc/self/status') as f:  # VmHWM: unlike ru_maxrss, not inherited from the parent process
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+print(json.dumps(dict(imports=imports, peak=peak, int8=weight_bytes(model, 'int8'), bf16=weight_bytes(model))))
+'''
+
+
+@needs_int8()
+@pytest.mark.full_size
+def test_an_int8_load_never_holds_a_full_precision_copy(g14_checkpoint):
+    """g/14 from its 2.3 GB fp16 file: the peak over the imports stays near the int8 model's bytes (1.08x
+    measured; 1.66x before freed scratch was returned to the system), far under the bf16 model's."""
+    run = subprocess.run([sys.executable, '-c', _PEAK, str(g14_checkpoint)], capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    loading = measured['peak'] - measured['imports']
+    assert loading <= 1.15 * measured['int8'], measured
+    assert loading <= 0.6 * measured['bf16'], measured
 
 
 @pytest.mark.skipif(HAS_INT8, reason='this set has what int8 needs')
