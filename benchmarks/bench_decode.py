@@ -20,7 +20,6 @@ Sections (each prints one JSON line as it finishes):
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import statistics
@@ -36,6 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
+from common import run_sections  # noqa: E402
+
 SIZES = [(256, 256), (500, 375), (1600, 1200)]
 
 
@@ -237,18 +238,7 @@ SECTIONS = {'per_core': per_core, 'end_to_end': end_to_end, 'fidelity': fidelity
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--section', action='append', choices=list(SECTIONS), help='(default: every section)')
-    parser.add_argument('--child', help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:  # each section in a fresh process: threads and memory of one never colour the next
-        print(json.dumps(dict(section=args.child, **SECTIONS[args.child]())), flush=True)
-        return
-    for section in args.section or list(SECTIONS):
-        out = subprocess.run([sys.executable, __file__, '--child', section], capture_output=True, text=True)
-        line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else \
-            json.dumps(dict(section=section, error=(out.stderr.strip().splitlines() or ['killed'])[-1]))
-        print(line, flush=True)
+    run_sections(__doc__, SECTIONS, __file__)
 
 
 if __name__ == '__main__':

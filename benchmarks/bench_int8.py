@@ -21,7 +21,6 @@ Sections (each prints one JSON line as it finishes, from a fresh process):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
+from common import run_sections  # noqa: E402
+
 MEMORY_MODELS = ['EVA02-CLIP-B-16', 'EVA02-CLIP-L-14', 'EVA_CLIP_g_14', 'EVA02-CLIP-bigE-14', 'EVA-CLIP-8B',
                  'EVA-CLIP-18B']
 
@@ -201,18 +202,7 @@ SECTIONS = {'memory': memory, 'fidelity': fidelity, 'speed': speed, 'load_18b': 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--section', action='append', choices=list(SECTIONS), help='(default: every section)')
-    parser.add_argument('--child', help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(dict(section=args.child, **SECTIONS[args.child]())), flush=True)
-        return
-    for section in args.section or list(SECTIONS):
-        out = subprocess.run([sys.executable, __file__, '--child', section], capture_output=True, text=True)
-        line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else \
-            json.dumps(dict(section=section, error=(out.stderr.strip().splitlines() or ['killed'])[-1]))
-        print(line, flush=True)
+    run_sections(__doc__, SECTIONS, __file__)
 
 
 if __name__ == '__main__':

@@ -1,15 +1,18 @@
-"""What the benchmarks share: the device's GEMM peak, the child-process runner, and encode-only timing.
+"""What the benchmarks share: the device's GEMM peak, the child-process runner, a command line of sections, and
+encode-only timing.
 
 Each benchmark measures in fresh child processes (so that one measurement's memory and threads never
 colour the next) that print one JSON line last; `child` runs one and reads it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,6 +50,23 @@ def child(script: str | Path, *args: str, check: bool = True) -> dict:
             raise SystemExit(f'child {args} failed:\n{out.stderr[-4000:]}')
         return dict(error=(out.stderr.strip().splitlines() or ['killed'])[-1], returncode=out.returncode, args=args)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_sections(doc: str, sections: dict[str, Callable[[], dict]], script: str) -> None:
+    """The command line of a benchmark made of `sections`: each (or each `--section` named) runs in a fresh
+    process of `script` and prints one JSON line as it ends, an error line if it fails."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--section', action='append', choices=list(sections), help='(default: every section)')
+    parser.add_argument('--child', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(dict(section=args.child, **sections[args.child]())), flush=True)
+        return
+    for section in args.section or list(sections):
+        out = subprocess.run([sys.executable, script, '--child', section], capture_output=True, text=True)
+        line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else \
+            json.dumps(dict(section=section, error=(out.stderr.strip().splitlines() or ['killed'])[-1]))
+        print(line, flush=True)
 
 
 def encode_only(name: str, checkpoint: Path, batch: int, device: str = 'cpu', precision: str = 'fp32',
