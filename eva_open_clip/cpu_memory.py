@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+@functools.lru_cache(maxsize=None)
 def _libc() -> ctypes.CDLL | None:
+    """The C library, once (finding it runs ldconfig); None off Linux."""
     if not sys.platform.startswith('linux'):
         return None
     try:
