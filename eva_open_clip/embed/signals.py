@@ -67,7 +67,7 @@ def stop_on_signals() -> Iterator[None]:
             if raised or not pending:
                 return
             signum = pending[0]
-        elif pending or raised:
+        elif pending:
             os._exit(128 + signum)  # a second signal: at once
         else:
             pending.append(signum)
