@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,16 @@ def tiny(tmp_path_factory):
     name = register_reference('tiny_a')
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(folder / 'tiny.pt'))
     return folder, model.eval(), preprocess, open_clip.get_tokenizer(register_reference('tiny_a'))
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """Every process a job starts ends with it: no child process of this test process is left after a test."""
+    yield
+    deadline = time.monotonic() + 5
+    while (left := multiprocessing.active_children()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f'still running after the test: {left}'
 
 
 def pytest_collection_modifyitems(items) -> None:
