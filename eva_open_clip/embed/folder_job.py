@@ -212,7 +212,7 @@ def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
                     writer.call('finish_unit', batch.unit, unit.source, unit.identity(), batch.read)
             progress.update(len(batch.keys))
             if first is None and batch.keys:
-                first, first_rows = time.perf_counter(), len(batch.keys)
+                first, first_rows = batches.start_clock(), len(batch.keys)
         writer.close()
     except BaseException:
         writer.abandon()

@@ -225,11 +225,12 @@ def shm_prefetch(workers: int, batch_bytes: int, shm: str = SHM) -> int:
 class DecodedBatches:
     """The dataset's batches through a DataLoader with `workers` decoding processes, timing the waits.
 
-    `waited` is how long the consumer waited for decoded batches after the first one (which includes the
-    workers' start-up): near zero when the model is the bottleneck, and the cue to raise the workers when
-    not. Workers are started by a fork server rather than forked from this process, which holds the model
-    (a fork would share its pages copy-on-write and make the model's memory writes fault); under torchrun
-    they are plain forks, as a fork server hung there with torch 2.1.
+    `waited` is how long the consumer waited for decoded batches since it called `start_clock` (where its
+    rate starts, after its first batch, which includes the workers' start-up): near zero when the model is
+    the bottleneck, and the cue to raise the workers when not. Workers are started by a fork server rather
+    than forked from this process, which holds the model (a fork would share its pages copy-on-write and
+    make the model's memory writes fault); under torchrun they are plain forks, as a fork server hung there
+    with torch 2.1.
 
     On the CPU, the model and the decoding workers share the cores. When decoding an image costs more
     CPU time than encoding it (a small model), the model's torch threads are reduced by the number of
@@ -248,7 +249,7 @@ class DecodedBatches:
         self.dataset, self.workers, self.device_type, self.prefetch = dataset, workers, device_type, prefetch
         if quiet_s is not None:
             self.STALLED_S = quiet_s
-        self.waited = 0.0
+        self.waited, self._clock = 0.0, None
         self.decode_cpu, self.decoded, self.model_cpu_per_image = 0.0, 0, float('inf')
 
     def __iter__(self) -> Iterator[Batch]:
@@ -274,17 +275,22 @@ class DecodedBatches:
                     return
                 received, cpu = time.perf_counter(), time.process_time()
                 yield batch
-                if seen:  # the first batch includes the workers' start-up
-                    self.waited += received - asked
-                    if batch.keys:
-                        self.decode_cpu += batch.decode_s
-                        self.decoded += len(batch.keys)
-                        used = (time.process_time() - cpu) / len(batch.keys)
-                        self.model_cpu_per_image = min(self.model_cpu_per_image, used)
+                if self._clock is not None:
+                    self.waited += max(0.0, received - max(asked, self._clock))
+                if seen and batch.keys:  # the first batch includes the workers' start-up
+                    self.decode_cpu += batch.decode_s
+                    self.decoded += len(batch.keys)
+                    used = (time.process_time() - cpu) / len(batch.keys)
+                    self.model_cpu_per_image = min(self.model_cpu_per_image, used)
                 if seen == self.DECIDE_AFTER:
                     self._settle_threads()
         finally:
             torch.set_num_threads(threads)  # a library caller gets its setting back
+
+    def start_clock(self) -> float:
+        """Waits count in `waited` from now (the time returned) on."""
+        self._clock = time.perf_counter()
+        return self._clock
 
     def _settle_threads(self) -> None:
         if self.device_type == 'cpu' and self.workers and self.decoded and \

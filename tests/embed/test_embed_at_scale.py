@@ -131,6 +131,19 @@ def test_shards_with_captions_give_the_api_features_row_for_row(dataset, tiny, t
     assert 0 <= rank['input_wait_s'] <= rank['seconds'] and rank['images_per_s'] > 0
 
 
+def test_the_share_spent_waiting_is_of_the_rates_own_time(dataset, tiny, tmp_path):
+    """A shard that arrives late, before the rate's clock starts (after the first batch), is start-up, not
+    time spent waiting for decoded images: the share the last line and the summary give is at most the whole."""
+    root = dataset[0]
+    late = f'pipe:sleep 3; cat {root / "shard-00001.tar"}'  # one batch each: the second comes 3 s late
+    out = tmp_path / 'out'
+    result = _embed(tiny, root / 'shard-00000.tar', late, '--batch-size', '64', '--workers', '2', out=out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank = json.loads((out / 'summary.json').read_text())['ranks'][0]
+    assert rank['rows'] + rank['skipped'] == 2 * PER_SHARD and rank['images_per_s'] > 0
+    assert 0 <= rank['input_wait_s'] <= rank['seconds']
+
+
 def test_folders_and_file_lists(dataset, tiny, tmp_path):
     folder = tmp_path / 'images'
     (folder / 'sub').mkdir(parents=True)
