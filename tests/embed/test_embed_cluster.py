@@ -79,12 +79,18 @@ def _interrupt(tiny, args, out: Path, signum: int) -> tuple[subprocess.Popen, st
     return job, stderr, processes
 
 
+@pytest.fixture(scope='module')
+def uninterrupted(tiny, tmp_path_factory) -> tuple[tuple[str, ...], Path]:
+    """The arguments of a job over four shards of 150 samples, and the folder it writes uninterrupted."""
+    root = tmp_path_factory.mktemp('uninterrupted')
+    args = (_shards(root / 'shards', [150, 150, 150, 150]), '--batch-size', '1', '--part-size', '40', '--workers', '2')
+    assert run_embed(tiny, *args, out=root / 'reference').returncode == 0
+    return args, root / 'reference'
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_interrupted_job_leaves_no_process_and_resumes_exactly(signum, tiny, tmp_path):
-    pattern = _shards(tmp_path / 'shards', [150, 150, 150, 150])
-    args = (pattern, '--batch-size', '1', '--part-size', '40', '--workers', '2')
-    reference = tmp_path / 'reference'
-    assert run_embed(tiny, *args, out=reference).returncode == 0
+def test_interrupted_job_leaves_no_process_and_resumes_exactly(signum, tiny, uninterrupted, tmp_path):
+    args, reference = uninterrupted
     out = tmp_path / 'out'
     job, stderr, processes = _interrupt(tiny, args, out, signum)
     if signum == signal.SIGKILL:
