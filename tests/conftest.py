@@ -64,7 +64,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def no_process_outlives_its_test():
-    """Every process a job starts ends with it: no child process of this test process is left after a test."""
+    """Every process a job starts ends with it: no child that this test process started through multiprocessing
+    (decoding workers) is still running a few seconds after a test. (Subprocesses are checked where a test
+    starts them.)"""
     yield
     deadline = time.monotonic() + 5
     while (left := multiprocessing.active_children()) and time.monotonic() < deadline:

@@ -194,6 +194,20 @@ def _exit_with(main_pid: int, worker_id: int) -> None:
     sys.excepthook = lambda kind, error, trace: None if issubclass(kind, OSError) else report(kind, error, trace)
 
 
+def _end_workers(data: Iterator) -> None:
+    """End a DataLoader iterator's decoding workers now (killed where they still run: what they were decoding
+    is not wanted any more).
+
+    torch ends them when its iterator is exhausted or collected, and has no public call to end them sooner;
+    a job that stops on an error raised inside the loader holds the iterator in its traceback (a notebook
+    keeps the last one), so that its workers would live on. `_workers` and `_shutdown_workers` are torch's
+    own (2.1 to 2.14; `tests/embed/test_embed_at_scale.py` fails if they change)."""
+    for worker in data._workers:
+        if worker.is_alive():
+            worker.terminate()
+    data._shutdown_workers()
+
+
 SHM = '/dev/shm'
 PREFETCH = 4  # batches each decoding worker keeps ready
 
@@ -286,6 +300,8 @@ class DecodedBatches:
                     self._settle_threads()
         finally:
             torch.set_num_threads(threads)  # a library caller gets its setting back
+            if self.workers:
+                _end_workers(data)
 
     def start_clock(self) -> float:
         """Waits count in `waited` from now (the time returned) on."""

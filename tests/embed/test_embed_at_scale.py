@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import signal
 import tarfile
 import time
@@ -202,6 +203,26 @@ def test_the_wait_for_decoded_batches_is_measured(model_seconds):
         assert measured >= 1.2 and batches.waited < 0.1 * measured
     else:  # decoding is: the model waited for each of the four batches after the first
         assert 0.3 <= batches.waited <= measured
+
+
+class _OneWorkerFails(torch.utils.data.IterableDataset):
+    """Worker 1 fails at once; worker 0 decodes on for 20 s."""
+
+    def __iter__(self):
+        if torch.utils.data.get_worker_info().id == 1:
+            raise ValueError('a sample no worker could take')
+        for i in range(2000):
+            time.sleep(0.01)
+            yield Batch(0, keys=[str(i)])
+
+
+def test_a_job_stopped_by_an_error_ends_its_decoding_workers_at_once():
+    """While the error is held with the loader's frames in its traceback, as a notebook holds the last one."""
+    with pytest.raises(ValueError, match='in DataLoader worker process 1') as failure:
+        for _ in DecodedBatches(_OneWorkerFails(), 2, 'cpu'):
+            pass
+    assert failure.value.__traceback__ is not None
+    assert not multiprocessing.active_children()
 
 
 @pytest.mark.parametrize('decode_s, fewer', [(1.0, True), (0.0, False)])
