@@ -59,7 +59,7 @@ def _transform(size: int = 224):
 def per_core() -> dict:
     from PIL import Image
 
-    from eva_open_clip.embed.pixels import Pixels
+    from eva_open_clip.runtime.pixels import Pixels
     torch.set_num_threads(1)
     transform = _transform()
     exact, fast = Pixels(transform, 'exact'), Pixels(transform, 'fast')
@@ -172,7 +172,7 @@ def _run(command: list[str]) -> str:
 def fidelity() -> dict:
     import open_clip
 
-    from eva_open_clip.embed.pixels import Pixels
+    from eva_open_clip.runtime.pixels import Pixels
     from support.checkpoints import full_size_checkpoint, manifest, synthetic_checkpoint
     name = 'EVA02-CLIP-B-16'
     shapes = manifest(name)

@@ -78,15 +78,12 @@ def encode_only(name: str, checkpoint: Path, batch: int, device: str = 'cpu', pr
     model's EVA-CLIP config to register first. Returns the timed images, seconds and images/s."""
     code = f'''
 import time, torch, eva_open_clip
-from eva_open_clip.cpu_memory import keep_freed_memory
-from eva_open_clip.loading import load_model
-from eva_open_clip.embed.encoder import Encoder
+from eva_open_clip.runtime.choice import ModelChoice
+from eva_open_clip.runtime.encoder import load_encoder
 if {str(config)!r} != 'None':
     eva_open_clip.register_eva_model({name!r}, {str(config)!r})
-model, preprocess, tokenizer = load_model({name!r}, {str(checkpoint)!r}, {device!r}, {precision!r})
-if {device!r} == 'cpu':
-    keep_freed_memory()
-encoder = Encoder(model, preprocess, tokenizer, {device!r}, {precision!r})
+encoder = load_encoder(ModelChoice.checked({name!r}, {str(checkpoint)!r}, {device!r}, {precision!r}))
+model = encoder.model
 size = model.visual.preprocess_cfg['size']
 size = size[0] if isinstance(size, (tuple, list)) else size
 x = torch.randn({batch}, 3, size, size)

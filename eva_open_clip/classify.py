@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from eva_open_clip.errors import ToolError, UsageError, param
+from eva_open_clip.runtime.choice import DEFAULT_MODEL
 
 BUNDLED_IMAGE = Path(__file__).resolve().parent / 'assets' / 'CLIP.png'  # the original README's image
 README_LABELS = ('a diagram', 'a dog', 'a cat')
@@ -40,7 +41,7 @@ def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def _decoded(paths: Sequence[Path]) -> tuple[list[Path], list, list[str]]:
     """(decoded paths, their images, paths that could not be decoded), keeping the order."""
-    from eva_open_clip.embed.decode import open_image
+    from eva_open_clip.runtime.decode import open_image
 
     def opened(path: Path):
         try:
@@ -59,7 +60,7 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 
 def classify(images: Sequence[str | os.PathLike] = (), labels: Sequence[str] = README_LABELS, *,
-             model: str = 'EVA_CLIP_g_14', pretrained: str | None = None, device: str | None = None,
+             model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None,
              precision: str | None = None, template: str = '{}', top_k: int | None = None,
              batch_size: int = 16, compile: bool = False, quantize: str | None = None) -> list[dict]:
     """[{"image": path, "labels": [{"label", "prob"}, ...]}] for image files and folders (the bundled CLIP
@@ -69,24 +70,18 @@ def classify(images: Sequence[str | os.PathLike] = (), labels: Sequence[str] = R
     be decoded are named in a warning; when none can be, it is a `ToolError`. Every argument is checked
     before the model is loaded. `precision` is the device's default when not given (`devices.defaults_for`).
     """
-    from eva_open_clip.embed.devices import check_device, device_defaults
-    from eva_open_clip.loading import check_model, resolve_pretrained
-    from eva_open_clip.quantize import check as check_quantize
+    from eva_open_clip.runtime.choice import ModelChoice
     check_template(template)
     if top_k is not None and top_k < 1:
         raise UsageError(f"{param('top_k')} must be at least 1")
     if not labels:
         raise UsageError('no labels given')
-    check_model(model)
-    pretrained = resolve_pretrained(model, pretrained)
-    check_quantize(quantize)
-    check_device(device)
+    choice = ModelChoice.checked(model, pretrained, device, precision, quantize, compile)
     paths = image_files(images) if images else [BUNDLED_IMAGE]
     if not paths:
         raise UsageError('no images given')
-    from eva_open_clip.embed.encoder import load_encoder
-    encoder = load_encoder(model, pretrained, device, precision or device_defaults(device).precision, compile,
-                           batch_size, quantize)
+    from eva_open_clip.runtime.encoder import load_encoder
+    encoder = load_encoder(choice.resolved(), batch_size)
     text = encoder.texts([template.format(label) for label in labels])
     scale = encoder.logit_scale()
     k = min(top_k or len(labels), len(labels))

@@ -1,8 +1,9 @@
-"""The one place where eva_open_clip reaches into open_clip's internals.
+"""The one place where eva_open_clip reaches into another library's internals (open_clip's, and torch's DDP for
+open_clip's trainer).
 
 open_clip has no plugin interface for a model family that needs its own checkpoint layout, so this
-module uses four of its internals (1-4) and adds stand-ins for two methods older releases lack (5);
-nothing else in the package touches open_clip's private state:
+module uses four of its internals (1-4), lets torch's DDP take what open_clip_train passes on the CPU (5), and
+adds stand-ins for two methods older releases lack (6); nothing else in the package patches another library:
 
 1. `open_clip.factory._MODEL_CONFIGS`: the model-config registry behind `list_models()`,
    `create_model()` and `get_tokenizer()`. `add_model_config()` inserts our translated configs
@@ -18,7 +19,9 @@ nothing else in the package touches open_clip's private state:
    Every supported open_clip (2.24 to 3.x) applies device and precision before loading a checkpoint.
    The wrapper also takes this package's keyword `quantize='int8'` (see `quantize`), which reaches it
    through `create_model_and_transforms` and `create_model_from_pretrained` as a model keyword.
-5. Methods that older open_clip releases lack, called on EVA models, get a stand-in that names the
+5. `torch.nn.parallel.DistributedDataParallel`, for `eva-open-clip run` only (`accept_cpu_device_ids_in_ddp`):
+   open_clip_train passes `device_ids=[cpu]` when it trains on the CPU, which torch refuses.
+6. Methods that older open_clip releases lack, called on EVA models, get a stand-in that names the
    release they need: `CustomTextCLIP.forward_intermediates` (open_clip < 2.32) and
    `TextTransformer.lock`, which `lock_text_tower` calls (open_clip < 3.1).
 
@@ -38,6 +41,7 @@ from typing import Any, Callable
 import open_clip
 import open_clip.factory as oc_factory
 import open_clip.pretrained as oc_pretrained
+import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.models.eva import Eva
 from torch.nn.modules.module import _IncompatibleKeys
@@ -107,15 +111,20 @@ def _load_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
     return load_checkpoint
 
 
+def is_eva_model_name(name: str) -> bool:
+    """True for an open_clip model name whose config builds this package's image tower."""
+    cfg = oc_factory._MODEL_CONFIGS.get(name) or {}
+    return is_eva_tower_name(str(cfg.get('vision_cfg', {}).get('timm_model_name', '')))
+
+
 def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
-    from .registry import get_eva_model
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def create_model(*args: Any, **kwargs: Any):
         name = str(args[0] if args else kwargs.get('model_name', '')).replace('/', '-')  # as open_clip looks it up
         int8 = kwargs.pop('quantize', None)  # this package's keyword (see `quantize`)
-        if get_eva_model(name) is None:
+        if not is_eva_model_name(name):
             if int8 is not None:
                 raise UsageError(f"{param('quantize', int8)}: {name} is not an EVA-CLIP model; quantize is for those")
             return original(*args, **kwargs)
@@ -137,6 +146,24 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
             quantize.mark(model)
         return model
     return create_model
+
+
+class _CpuDeviceIdsDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP that accepts `device_ids=[cpu]`, as open_clip_train passes when training on CPU.
+
+    torch only allows `device_ids=None` for CPU modules; open_clip_train's `main` always passes the
+    training device, so its CPU (gloo) distributed path fails without this. GPU use is unchanged.
+    """
+
+    def __init__(self, module, device_ids=None, output_device=None, *args, **kwargs):
+        if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
+            device_ids, output_device = None, None
+        super().__init__(module, device_ids, output_device, *args, **kwargs)
+
+
+def accept_cpu_device_ids_in_ddp() -> None:
+    """Let open_clip_train's CPU (gloo) distributed path run: torch's DDP in this process takes `device_ids=[cpu]`."""
+    torch.nn.parallel.DistributedDataParallel = _CpuDeviceIdsDDP
 
 
 def install() -> None:

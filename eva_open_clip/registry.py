@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
-from . import open_clip_seam
+import open_clip
+
+from . import checkpoint, open_clip_seam
 from .configs import ConfigError, ConfigLike, EvaSpec, build_spec, parse_config, read_config
-from .errors import UsageError, say
+from .errors import UsageError, did_you_mean, param, say
 from .tower import register_tower, unregister_tower
 
 
@@ -155,3 +157,33 @@ def require_eva_model(name: str) -> EvaModel:
 def list_eva_models() -> list[str]:
     """Names of all registered EVA models."""
     return list(_MODELS)
+
+
+def check_model(name: str) -> None:
+    """An unknown model name is refused, naming the closest registered names and where to find them."""
+    if name in open_clip.list_models():
+        return
+    where = say(python='eva_open_clip.list_eva_models() lists the EVA-CLIP models; a custom config: '
+                       f"eva_open_clip.register_eva_model('{name}', 'CONFIG.json')",
+                command_line=f'`eva-open-clip models` lists the EVA-CLIP models; a custom config: '
+                             f'--register {name}=CONFIG.json')
+    raise UsageError(f"{param('model', name)}: no such model{did_you_mean(name, open_clip.list_models())} ({where})")
+
+
+def default_pretrained(model_name: str) -> str | None:
+    """The model's first pretrained tag (the released weights on the hub), if it has one."""
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    return tags[0] if tags else None
+
+
+def resolve_pretrained(model_name: str, pretrained: str | None) -> str:
+    """The tag or file `pretrained` names (the model's hub tag when not given), checked to exist."""
+    pretrained = pretrained or default_pretrained(model_name)
+    if not pretrained:
+        raise UsageError(f"{param('model', model_name)} has no pretrained tag: pass "
+                         f"{param('pretrained', '/path/to/checkpoint')}")
+    try:
+        open_clip_seam.check_pretrained(model_name, pretrained)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"{param('pretrained', e.path)}: {e.problem}") from None
+    return pretrained

@@ -1,7 +1,7 @@
 """Shared fixtures: reference checkpoints as files, full-size checkpoints, the tiny model for the command line.
 
 Helpers live in `support/`; this file holds only fixtures, and the hook that keeps the full-size tests on one
-pytest-xdist worker."""
+pytest-xdist worker and leaves the `gpu` tests out without CUDA."""
 from __future__ import annotations
 
 import json
@@ -74,8 +74,14 @@ def no_process_outlives_its_test():
     assert not left, f'still running after the test: {left}'
 
 
-def pytest_collection_modifyitems(items) -> None:
-    """The full-size tests (GBs each) run one after another on one worker, whatever `-n` says (`--dist loadgroup`)."""
+def pytest_collection_modifyitems(config, items) -> None:
+    """The full-size tests (GBs each) run one after another on one worker, whatever `-n` says (`--dist loadgroup`);
+    the `gpu` tests are deselected on a machine without CUDA."""
     for item in items:
         if item.get_closest_marker('full_size'):
             item.add_marker(pytest.mark.xdist_group('full_size'))
+    if not torch.cuda.is_available():
+        gpu = [item for item in items if item.get_closest_marker('gpu')]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker('gpu')]

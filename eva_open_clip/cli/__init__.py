@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 from eva_open_clip import __version__
 from eva_open_clip.cli import classify, convert, embed, export_onnx, models, run
 from eva_open_clip.cli.options import register
-from eva_open_clip.embed.signals import Interrupted
 from eva_open_clip.errors import COMMAND_LINE, UserError
+from eva_open_clip.runtime.signals import Interrupted
 
 COMMANDS: dict[str, ModuleType] = {'convert': convert, 'export-onnx': export_onnx, 'models': models,
                                    'classify': classify, 'embed': embed}

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eva_open_clip.export import export_folder
+    from eva_open_clip.convert import export_folder
     from eva_open_clip.registry import register_eva_model
     if args.config:
         if not args.model:

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dtype', default='fp32', choices=('fp32', 'fp16'),
                         help='weights and compute (inputs and outputs stay float32; default: %(default)s)')
     parser.add_argument('--quantize', default=None, choices=('int8',),
-                        help="ONNX Runtime's dynamic int8 quantization of the MatMul weights (for CPUs)")
+                        help="ONNX Runtime's dynamic int8 quantization of the graphs' MatMul weights, for CPUs (here "
+                             "--quantize means ONNX Runtime's int8, not the torchao int8 weights it means for "
+                             'classify and embed)')
     parser.add_argument('--force', action='store_true', help='replace a non-empty OUT_DIR')
     add_register_option(parser)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from eva_open_clip.embed.options import PRECISIONS
 from eva_open_clip.errors import UsageError
+from eva_open_clip.runtime.choice import DEFAULT_MODEL, PRECISIONS, QUANTIZE_CHOICES
 
 REGISTER_FORM = 'NAME=CONFIG.json'
 PRECISION_HELP = ('weights and compute (default: bf16 on a GPU, fp16 on one without bf16, which moves a feature '
@@ -36,13 +36,13 @@ def add_register_option(parser) -> None:
 
 def add_model_options(parser: argparse.ArgumentParser, precision_help: str = PRECISION_HELP) -> None:
     group = parser.add_argument_group('model')
-    group.add_argument('--model', default='EVA_CLIP_g_14',
+    group.add_argument('--model', default=DEFAULT_MODEL,
                        help='model name (default: %(default)s; `eva-open-clip models` lists the EVA-CLIP ones)')
     group.add_argument('--pretrained', default=None,
                        help="checkpoint path or pretrained tag (default: the model's hub tag, downloaded once)")
     group.add_argument('--device', default=None, help='torch device (default: cuda when available, else cpu)')
     group.add_argument('--precision', default=None, choices=PRECISIONS, help=precision_help)
-    group.add_argument('--quantize', default=None, choices=('int8', 'none'),
+    group.add_argument('--quantize', default=None, choices=QUANTIZE_CHOICES,
                        help="int8: the linear layers' weights as int8 (torchao; half of bf16's memory, within about "
                             '1e-3 of the features), for inference (default: none; a resumed folder keeps its own)')
     group.add_argument('--compile', action='store_true',

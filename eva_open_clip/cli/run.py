@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-
 from eva_open_clip.cli.options import REGISTER_FORM, register, register_option
 from eva_open_clip.errors import UsageError
 
@@ -20,19 +17,6 @@ DESCRIPTION = ('Like `python -m MODULE ARGS` (or `python SCRIPT ARGS`), after re
                '`eva-open-clip run -m open_clip_train.main --model EVA_CLIP_g_14 ...`. --register '
                'NAME=CONFIG.json (repeatable) also registers a custom EVA-CLIP config. Arguments and exit '
                'codes pass through untouched.')
-
-
-class _CpuDeviceIdsDDP(DistributedDataParallel):
-    """DDP that accepts `device_ids=[cpu]`, as open_clip_train passes when training on CPU.
-
-    torch only allows `device_ids=None` for CPU modules; open_clip_train's `main` always passes the
-    training device, so its CPU (gloo) distributed path fails without this. GPU use is unchanged.
-    """
-
-    def __init__(self, module, device_ids=None, output_device=None, *args, **kwargs):
-        if device_ids and all(torch.device(d).type == 'cpu' for d in device_ids):
-            device_ids, output_device = None, None
-        super().__init__(module, device_ids, output_device, *args, **kwargs)
 
 
 def help_parser() -> argparse.ArgumentParser:
@@ -68,7 +52,8 @@ def run_target(argv: Sequence[str]) -> None:
 
     Arguments reach the target untouched; its exit code (SystemExit) passes through.
     """
-    torch.nn.parallel.DistributedDataParallel = _CpuDeviceIdsDDP
+    from eva_open_clip.open_clip_seam import accept_cpu_device_ids_in_ddp
+    accept_cpu_device_ids_in_ddp()
     if argv[0] == '-m':
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name='__main__', alter_sys=True)

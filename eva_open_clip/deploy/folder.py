@@ -18,14 +18,15 @@ from pathlib import Path
 import open_clip
 import torch
 
+from eva_open_clip.convert import model_config
 from eva_open_clip.deploy.graphs import PROTOBUF_LIMIT, ImageEncoder, TextEncoder, export_graph, quantize_int8
 from eva_open_clip.deploy.tokenizer import build_tokenizer, tokenizer_config
 from eva_open_clip.durable import check_empty, write_folder
 from eva_open_clip.errors import UsageError, param
-from eva_open_clip.export import model_config
-from eva_open_clip.loading import check_model, load_model, resolve_pretrained
 from eva_open_clip.quantize import refuse as refuse_quantized
 from eva_open_clip.registry import require_eva_model
+from eva_open_clip.runtime.choice import ModelChoice
+from eva_open_clip.runtime.loading import load_model
 from eva_open_clip.versions import ONNX_EXPORT_TORCH, require_torch
 
 CONFIG = 'config.json'
@@ -66,11 +67,11 @@ def export_released(model_name: str, out_dir: str | os.PathLike, *, pretrained: 
     """Write `out_dir` (see the module docstring) for a registered EVA model and a tag or checkpoint file
     (its hub tag when not given), in `dtype` ('fp32' or 'fp16'); every argument is checked before the
     model is loaded."""
-    check_model(model_name)
+    precision = 'fp32' if dtype == 'fp32' else 'pure_fp16'
+    choice = ModelChoice.checked(model_name, pretrained, 'cpu', precision)
     require_eva_model(model_name)
-    pretrained = resolve_pretrained(model_name, pretrained)
     check_export(out_dir, dtype, quantize, force)
-    model, _, _ = load_model(model_name, pretrained, 'cpu', 'fp32' if dtype == 'fp32' else 'pure_fp16')
+    model, _, _ = load_model(choice, 'cpu', precision)
     return _write(model, model_name, Path(out_dir), quantize, force, PROTOBUF_LIMIT)
 
 
@@ -85,14 +86,14 @@ def export_onnx(model: torch.nn.Module, model_name: str, out_dir: str | os.PathL
     non-empty `out_dir` is replaced only with `force`.
     """
     refuse_quantized(model, 'export-onnx')
-    dtype = next(model.parameters()).dtype
+    dtype = next(model.visual.parameters()).dtype
     check_export(out_dir, {torch.float32: 'fp32', torch.float16: 'fp16'}.get(dtype, str(dtype)), quantize, force)
     return _write(model, model_name, Path(out_dir), quantize, force, external_data_threshold)
 
 
 def _write(model: torch.nn.Module, model_name: str, out_dir: Path, quantize: str | None, force: bool,
            external_data_threshold: int) -> Path:
-    dtype = next(model.parameters()).dtype
+    dtype = next(model.visual.parameters()).dtype
     tokenizer = open_clip.get_tokenizer(model_name)
     if not hasattr(tokenizer, 'bpe_ranks'):
         raise UsageError(f"{model_name}'s tokenizer is not open_clip's CLIP tokenizer: export-onnx cannot write it")

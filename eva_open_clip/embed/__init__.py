@@ -12,7 +12,7 @@ on resume), `loader` (decoding in DataLoader workers), `encoder` (features of a 
 The open_clip plugin (`import eva_open_clip`) never imports this package.
 """
 from eva_open_clip.embed.api import EmbedResult, embed
-from eva_open_clip.embed.signals import Interrupted
 from eva_open_clip.embed.store.names import original_name
+from eva_open_clip.runtime.signals import Interrupted
 
 __all__ = ['EmbedResult', 'Interrupted', 'embed', 'original_name']

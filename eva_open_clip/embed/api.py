@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from eva_open_clip.embed.defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
-from eva_open_clip.embed.options import DEFAULT_MODEL, DEFAULT_PART_SIZE, EmbedOptions
-from eva_open_clip.embed.progress import plural
-from eva_open_clip.embed.signals import Interrupted, stop_on_signals
+from eva_open_clip.embed.options import EmbedOptions, call_signature
 from eva_open_clip.errors import ToolError, param
+from eva_open_clip.runtime.choice import ModelChoice
+from eva_open_clip.runtime.progress import plural
+from eva_open_clip.runtime.ranks import Ranks
+from eva_open_clip.runtime.signals import Interrupted, stop_on_signals
 
 
 @dataclass
@@ -32,64 +33,60 @@ class EmbedResult:
     summary: object | None = None
 
 
-def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), *, out: str | os.PathLike,
-          model: str = DEFAULT_MODEL, pretrained: str | None = None, device: str | None = None,
-          precision: str | None = None, batch_size: int | None = None, decode: str | None = None,
-          compile: bool = False, quantize: str | None = None, workers: int | None = None, captions: bool = False,
-          files_from: str | None = None, text_file: str | None = None, stall_timeout: float = 1800.0,
-          retries: int = 5, give_up: Sequence[str] = (),
-          part_size: int = DEFAULT_PART_SIZE, image_keys: Sequence[str] = IMAGE_KEYS, caption_key: str = CAPTION_KEY,
-          max_image_pixels: int = MAX_IMAGE_PIXELS, max_resized_pixels: int = MAX_RESIZED_PIXELS,
-          progress_interval: float | None = None, quiet: bool = False) -> EmbedResult | None:
+def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), **options) -> EmbedResult | None:
     """Embed image files, folders, `files_from` lists and webdataset tar shards (paths, globs, brace patterns,
     URLs), or the lines of `text_file`, into `out`: a folder (resumable; see docs/embed-folder.md) or one
     FILE.npy with FILE.paths.txt. Returns what was written (None on the ranks other than 0 of a torchrun job).
 
-    The arguments are those of `eva-open-clip embed` (docs/command-line.md), named as its options are.
-    `precision`, `batch_size` and `decode` left as None are the device's defaults (bf16, 256 and fast on a
-    GPU; fp32, 32 and exact on the CPU), except that a folder resumed keeps the precision and decoding its
-    rows were made with. A remote read with no byte for `stall_timeout` seconds fails; a failed read is tried
-    `retries` more times, 1, 2, 4, ... seconds apart; the shards `give_up` names are given up on for good.
+    The options are those of `eva-open-clip embed` (docs/command-line.md), named as its flags are (the list:
+    `eva_open_clip.embed.options.EmbedOptions`). `precision`, `batch_size` and `decode` left as None are the
+    device's defaults (bf16, 256 and fast on a GPU; fp32, 32 and exact on the CPU), except that a folder resumed
+    keeps the precision and decoding its rows were made with. A remote read with no byte for `stall_timeout`
+    seconds fails; a failed read is tried `retries` more times, 1, 2, 4, ... seconds apart; the shards `give_up`
+    names are given up on for good.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    options = EmbedOptions(
-        inputs=tuple(map(str, inputs)), out=str(out), model=model, pretrained=pretrained, device=device,
-        precision=precision, batch_size=batch_size, decode=decode, compile=compile, quantize=quantize, workers=workers,
-        captions=captions, stall_timeout=float(stall_timeout), retries=retries, give_up=tuple(map(str, give_up)),
-        files_from=None if files_from is None else str(files_from),
-        text_file=None if text_file is None else str(text_file), part_size=part_size, image_keys=tuple(image_keys),
-        caption_key=caption_key, max_image_pixels=max_image_pixels, max_resized_pixels=max_resized_pixels,
-        progress_interval=progress_interval, quiet=quiet)
-    options.check()
+    return run_embed(EmbedOptions.from_call(inputs, options))
+
+
+embed.__signature__ = call_signature(embed)
+
+
+def run_embed(options: EmbedOptions) -> EmbedResult | None:
+    """The job of `options` (see `embed`), checked first, stopping cleanly on SIGTERM and SIGINT."""
+    ranks = Ranks.from_env()
+    choice = options.check(ranks)
     with stop_on_signals():
-        return _to_npy(options) if options.to_npy else _to_folder(options)
+        return _to_npy(options, choice) if options.to_npy else _to_folder(options, choice, ranks)
 
 
 @dataclass(frozen=True)
 class _Run:
-    """How this run works: the options, with the device's defaults (or the folder's settings) where not given."""
+    """How this run works: the model choice with its device and precision resolved, and the options' batch size,
+    decoding and workers, each the device's default (or the folder's setting) where not given."""
 
-    device: str
-    precision: str
+    choice: ModelChoice
     batch_size: int
     decode: str
-    quantize: str
     workers: int
     line: str  # what the run uses and why, said once its inputs are listed (on rank 0, unless quiet)
 
+    @property
+    def quantize(self) -> str:
+        return self.choice.quantize or 'none'
 
-def _run(options: EmbedOptions, device: str | None, recorded: dict | None = None) -> _Run:
+
+def _run(options: EmbedOptions, choice: ModelChoice, ranks: Ranks, device: str | None,
+         recorded: dict | None = None) -> _Run:
     """The run's settings: the options, else the folder's (`recorded`), else the device's defaults."""
-    from eva_open_clip.embed.devices import default_device, device_defaults
     from eva_open_clip.embed.loader import default_workers
+    from eva_open_clip.runtime.devices import default_device, device_defaults
     device = device or default_device()
     defaults = device_defaults(device)
     said = []
 
-    def chosen(name: str, default, quiet_value=None):
+    def chosen(name: str, given, default, quiet_value=None):
         """The option, else the folder's value, else the default; said unless it is `quiet_value`."""
-        given, why = getattr(options, name), ''
+        why = ''
         if given is None and recorded is not None and name in recorded:
             given, why = recorded[name], f' (as {options.out} was made)'
         elif given is None:
@@ -98,13 +95,15 @@ def _run(options: EmbedOptions, device: str | None, recorded: dict | None = None
             said.append(f'{name} {given}{why}')
         return given
 
-    settings = (chosen('precision', defaults.precision), chosen('batch_size', defaults.batch_size),
-                chosen('decode', defaults.decode), chosen('quantize', 'none', quiet_value='none'))
-    workers = default_workers(options.ranks.local_world_size, _device_type(device)) if options.workers is None \
+    precision = chosen('precision', choice.precision, defaults.precision)
+    batch_size = chosen('batch_size', options.batch_size, defaults.batch_size)
+    decode = chosen('decode', options.decode, defaults.decode)
+    quantize = chosen('quantize', choice.quantize, 'none', quiet_value='none')
+    workers = default_workers(ranks.local_world_size, _device_type(device)) if options.workers is None \
         else options.workers
-    compiled = ', compiled' if options.compile else ''
-    line = f"embedding with {options.model} on {device}: {', '.join(said)}, {plural(workers, 'worker')}{compiled}"
-    return _Run(device, *settings, workers, line)
+    compiled = ', compiled' if choice.compile else ''
+    line = f"embedding with {choice.model} on {device}: {', '.join(said)}, {plural(workers, 'worker')}{compiled}"
+    return _Run(choice.but(device=device, precision=precision, quantize=quantize), batch_size, decode, workers, line)
 
 
 def _device_type(device: str) -> str:
@@ -112,35 +111,35 @@ def _device_type(device: str) -> str:
     return torch.device(device).type
 
 
-def _remote(options: EmbedOptions):
+def _reading(options: EmbedOptions):
+    from eva_open_clip.embed.job import Reading
     from eva_open_clip.embed.remote import RemoteOptions
-    return RemoteOptions(options.stall_timeout, options.retries)
+    from eva_open_clip.runtime.decode import PixelLimits
+    return Reading(options.image_keys, options.caption_key if options.captions else None,
+                   PixelLimits(options.max_image_pixels, options.max_resized_pixels),
+                   RemoteOptions(options.stall_timeout, options.retries))
 
 
-def _loader(options: EmbedOptions, run: _Run):
+def _loader(options: EmbedOptions, run: _Run, rank: int = 0):
     """What the job calls to load the model, once the inputs are listed: the run's line, then the encoder."""
-    from eva_open_clip.embed.encoder import load_encoder
+    from eva_open_clip.runtime.encoder import load_encoder
 
     def load():
-        if options.ranks.rank == 0 and not options.quiet:
+        if rank == 0 and not options.quiet:
             print(run.line, file=sys.stderr)
-        return load_encoder(options.model, options.pretrained, run.device, run.precision, options.compile,
-                            run.batch_size, None if run.quantize == 'none' else run.quantize)
+        return load_encoder(run.choice, run.batch_size, run.decode)
     return load
 
 
-def _to_npy(options: EmbedOptions) -> EmbedResult:
-    from eva_open_clip.embed.decode import PixelLimits
+def _to_npy(options: EmbedOptions, choice: ModelChoice) -> EmbedResult:
     from eva_open_clip.embed.npy_job import embed_to_npy
     from eva_open_clip.embed.report import reasons_of, skipped_text, warn_skipped
     from eva_open_clip.embed.store.npy_file import paths_file
-    run = _run(options, options.device)
+    run = _run(options, choice, Ranks(), choice.device)
     rows, skipped = embed_to_npy(
-        _loader(options, run), options.inputs, options.out, batch_size=run.batch_size, decode=run.decode,
-        text_file=options.text_file, files_from=options.files_from, workers=run.workers,
-        image_keys=options.image_keys, limits=PixelLimits(options.max_image_pixels, options.max_resized_pixels),
-        quiet=options.quiet, progress_interval=options.progress_interval, remote=_remote(options),
-        give_up=options.give_up)
+        _loader(options, run), options.inputs, options.out, batch_size=run.batch_size, text_file=options.text_file,
+        files_from=options.files_from, workers=run.workers, quiet=options.quiet,
+        progress_interval=options.progress_interval, give_up=options.give_up, reading=_reading(options))
     warn_skipped(skipped)
     reasons = reasons_of(skipped)
     out = Path(options.out)
@@ -149,26 +148,22 @@ def _to_npy(options: EmbedOptions) -> EmbedResult:
     return EmbedResult(out, rows, reasons)
 
 
-def _to_folder(options: EmbedOptions) -> EmbedResult | None:
+def _to_folder(options: EmbedOptions, choice: ModelChoice, ranks: Ranks) -> EmbedResult | None:
     """The folder layout, on one process or on every rank of a torchrun/srun launch."""
     from eva_open_clip.embed.folder_job import embed_folder
     from eva_open_clip.embed.report import rate_text, skipped_text
     from eva_open_clip.embed.store.folder import FolderSettings, done_count, recorded_settings
     from eva_open_clip.embed.units import read_units
-    ranks, out = options.ranks, Path(options.out)
-    with ranks.process_group(options.device) as device:
-        run = _run(options, device, recorded_settings(out))
-        settings = FolderSettings(
-            model=options.model, pretrained=options.pretrained, precision=run.precision, decode=run.decode,
-            quantize=run.quantize,
-            part_size=options.part_size, captions=options.captions, image_keys=list(options.image_keys),
-            caption_key=options.caption_key, max_image_pixels=options.max_image_pixels,
-            max_resized_pixels=options.max_resized_pixels)
+    out = Path(options.out)
+    with ranks.process_group(choice.device) as device:
+        run = _run(options, choice, ranks, device, recorded_settings(out))
+        settings = FolderSettings(options.recorded(pretrained=run.choice.pretrained, precision=run.choice.precision,
+                                                   decode=run.decode, quantize=run.quantize))
         try:
-            summary = embed_folder(_loader(options, run), settings, options.inputs, options.files_from, out,
-                                   run.workers, run.batch_size, ranks,
+            summary = embed_folder(_loader(options, run, ranks.rank), settings, _reading(options), options.inputs,
+                                   options.files_from, out, run.workers, run.batch_size, ranks,
                                    progress_interval=options.progress_interval, quiet=options.quiet,
-                                   remote=_remote(options), give_up=options.give_up)
+                                   give_up=options.give_up)
         except Interrupted as e:
             if ranks.rank != 0:
                 raise Interrupted(e.signum, '') from None

@@ -20,15 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from eva_open_clip.durable import write_text
-from eva_open_clip.embed.decode import PixelLimits
-from eva_open_clip.embed.encoder import Encoder
-from eva_open_clip.embed.inputs import named_identities
-from eva_open_clip.embed.loader import DecodedBatches, UnitDataset, shm_prefetch
-from eva_open_clip.embed.pixels import Pixels
-from eva_open_clip.embed.progress import Progress, plural
-from eva_open_clip.embed.ranks import Ranks
-from eva_open_clip.embed.remote import RemoteOptions
-from eva_open_clip.embed.skips import UNREADABLE, Skip
+from eva_open_clip.embed.job import EncodedUnits, Reading, named_shards
 from eva_open_clip.embed.store.folder import (
     FolderSettings,
     FolderWriter,
@@ -44,13 +36,17 @@ from eva_open_clip.embed.store.names import name_text
 from eva_open_clip.embed.store.paths import rank_record
 from eva_open_clip.embed.store.records import RankCounts, Summary, Unreadable
 from eva_open_clip.embed.units import Unit, plan_units, read_units
-from eva_open_clip.errors import ToolError, UsageError, param
+from eva_open_clip.errors import ToolError, UsageError
+from eva_open_clip.runtime.encoder import Encoder
+from eva_open_clip.runtime.progress import Progress, plural
+from eva_open_clip.runtime.ranks import Ranks
+from eva_open_clip.runtime.skips import UNREADABLE, Skip
 
 
-def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, inputs: Sequence[str],
-                 files_from: str | None, out: Path, workers: int, batch_size: int = 32, ranks: Ranks = Ranks(),
-                 progress_interval: float | None = None, quiet: bool = False,
-                 remote: RemoteOptions = RemoteOptions(), give_up: Sequence[str] = ()) -> Summary | None:
+def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, reading: Reading,
+                 inputs: Sequence[str], files_from: str | None, out: Path, workers: int, batch_size: int = 32,
+                 ranks: Ranks = Ranks(), progress_interval: float | None = None, quiet: bool = False,
+                 give_up: Sequence[str] = ()) -> Summary | None:
     """Embed into the folder `out`; return the summary on rank 0 (None elsewhere). The shards that `give_up`
     names, never read, are given up on first.
 
@@ -90,8 +86,8 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
         progress = Progress(len(units), 'unit', lambda: done_count(out), progress_interval,
                             enabled=ranks.rank == 0 and not quiet)
         try:
-            counts = _embed_units(load_encoder, settings, mine, out, workers, batch_size, progress, ranks.rank,
-                                  remote) if mine else \
+            counts = _embed_units(load_encoder, settings, reading, mine, out, workers, batch_size, progress,
+                                  ranks.rank) if mine else \
                 RankCounts(rank=ranks.rank, units=0, rows=0, skipped=0, seconds=0.0, images_per_s=None,
                            input_wait_s=0.0, model_loaded=False, unreadable=[])
         finally:
@@ -107,19 +103,16 @@ def embed_folder(load_encoder: Callable[[], Encoder], settings: FolderSettings, 
 def _given_up(out: Path, settings: FolderSettings, units: list[Unit], done: set[int],
               shards: Sequence[str]) -> list[str]:
     """Record as given up on the shards named (that the job lists and that are not done); notes saying so."""
-    by_identity = {s.real: unit for unit in units if unit.shard is not None for s in unit.sources}
+    by_index = {unit.index: unit for unit in units}
     notes, given = [], []
-    for named in shards:
-        for identity in named_identities(named):
-            unit = by_identity.get(identity)
-            if unit is None:
-                raise UsageError(f"{param('give_up', named)}: no shard of this job's inputs is {identity}")
-            if unit.index in done:
-                notes.append(f'note: {unit.source} is done: not given up on')
-            else:
-                give_up(out, settings, unit.index, unit.source, unit.identity(), 'given up on after failed reads')
-                done.add(unit.index)
-                given.append(unit.source)
+    for index in named_shards(units, shards):
+        unit = by_index[index]
+        if index in done:
+            notes.append(f'note: {unit.source} is done: not given up on')
+        else:
+            give_up(out, settings, index, unit.source, unit.identity(), 'given up on after failed reads')
+            done.add(index)
+            given.append(unit.source)
     if given:
         notes.append(f"note: gave up on {plural(len(given), 'shard')} for good (no rows; listed in summary.json): "
                      f"{', '.join(given[:5])}{' ...' if len(given) > 5 else ''}")
@@ -177,25 +170,19 @@ class _InBackground:
                     self.error = e
 
 
-def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, units: list[Unit], out: Path,
-                 workers: int, batch_size: int, progress: Progress, rank: int, remote: RemoteOptions) -> RankCounts:
+def _embed_units(load_encoder: Callable[[], Encoder], settings: FolderSettings, reading: Reading, units: list[Unit],
+                 out: Path, workers: int, batch_size: int, progress: Progress, rank: int) -> RankCounts:
     encoder = load_encoder()
     folder = FolderWriter(out, settings, batch_size)
     by_index = {u.index: u for u in units}
     unreadable: dict[int, Skip] = {}  # units whose shard could not be read: not done, redone by the next run
-    pixels = Pixels(encoder.preprocess, settings.decode)
-    dataset = UnitDataset(units, pixels, batch_size, image_keys=settings.image_keys,
-                          caption_key=settings.caption_key if settings.captions else None,
-                          tokenizer=encoder.tokenizer if settings.captions else None,
-                          limits=PixelLimits(settings.max_image_pixels, settings.max_resized_pixels), remote=remote)
     first = None  # when the first batch was done: the rate excludes loading and start-up
     first_rows = 0
-    workers = min(workers, len(units))  # each worker decodes whole units: more would only start and wait
-    batches = DecodedBatches(dataset, workers, encoder.device_type,
-                             shm_prefetch(workers, batch_size * pixels.sample_bytes()), quiet_s=remote.quiet_s())
+    encoded = EncodedUnits(encoder, units, batch_size, workers, reading)
+    batches = encoded.decoded
     writer = _InBackground(folder)
     try:
-        for batch, image, text in encoder.encoded(batches):
+        for batch, image, text in encoded:
             if batch.restart:  # a remote read failed, and is tried again from the unit's start
                 writer.call('discard_unit', batch.unit)
                 unreadable.pop(batch.unit, None)

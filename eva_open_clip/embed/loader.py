@@ -17,16 +17,16 @@ import torch
 from PIL import Image
 
 from eva_open_clip import versions
-from eva_open_clip.embed.decode import ImageRefused, PixelLimits, caption_text
-from eva_open_clip.embed.defaults import IMAGE_KEYS
-from eva_open_clip.embed.pixels import Pixels
-from eva_open_clip.embed.ranks import Ranks
 from eva_open_clip.embed.remote import RemoteOptions
 from eva_open_clip.embed.samples import unit_samples
-from eva_open_clip.embed.skips import Reason, Sample, Skip
 from eva_open_clip.embed.tar import ShardRead
 from eva_open_clip.embed.units import Unit
 from eva_open_clip.errors import ToolError, UsageError, param
+from eva_open_clip.runtime.decode import ImageRefused, PixelLimits, caption_text
+from eva_open_clip.runtime.defaults import IMAGE_KEYS
+from eva_open_clip.runtime.pixels import Pixels
+from eva_open_clip.runtime.ranks import Ranks
+from eva_open_clip.runtime.skips import Reason, Sample, Skip
 
 _WORKER_START = 'forkserver' if 'forkserver' in multiprocessing.get_all_start_methods() else 'spawn'
 
@@ -54,9 +54,12 @@ class Batch:
     read: dict | None = None
 
     def pin_memory(self) -> 'Batch':
-        """Called by the DataLoader's pinning thread (pin_memory=True on CUDA)."""
+        """Called by the DataLoader's pinning thread (pin_memory=True on CUDA): pixels and caption tokens go to the
+        GPU from page-locked memory, without blocking."""
         if self.pixels is not None:
             self.pixels = self.pixels.pin_memory()
+        if self.tokens is not None:
+            self.tokens = self.tokens.pin_memory()
         return self
 
 

@@ -1,5 +1,7 @@
-"""`embed --out FILE.npy` (small jobs): the images or text lines of the inputs, encoded in input order into one
-array, row i for line i of FILE.paths.txt (written by `store.npy_file`, whole or not at all)."""
+"""`embed --out FILE.npy` (small jobs): the images or text lines of the inputs, encoded into one array in input
+order, row i for line i of FILE.paths.txt (written by `store.npy_file`, whole or not at all). Images go the one
+path of `job` (the folder job's); batches are encoded as the workers deliver them and their rows put back in
+input order, so what waits for its turn is float32 rows, never a batch of pixels."""
 from __future__ import annotations
 
 import os
@@ -7,26 +9,24 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from eva_open_clip.embed.decode import PixelLimits
-from eva_open_clip.embed.defaults import IMAGE_KEYS
-from eva_open_clip.embed.encoder import Encoder
-from eva_open_clip.embed.inputs import InputError, named_identities
-from eva_open_clip.embed.loader import Batch, DecodedBatches, UnitDataset
-from eva_open_clip.embed.pixels import Pixels
-from eva_open_clip.embed.progress import Progress, plural
-from eva_open_clip.embed.remote import RemoteOptions
-from eva_open_clip.embed.skips import UNREADABLE, Skip
+import numpy as np
+
+from eva_open_clip.embed.inputs import InputError
+from eva_open_clip.embed.job import EncodedUnits, Reading, named_shards
+from eva_open_clip.embed.loader import Batch
 from eva_open_clip.embed.store.names import name_text
 from eva_open_clip.embed.store.npy_file import NpyWriter, npy_output
 from eva_open_clip.embed.units import Unit, list_units
 from eva_open_clip.errors import ToolError, UsageError, param
+from eva_open_clip.runtime.encoder import Encoder
+from eva_open_clip.runtime.progress import Progress, plural
+from eva_open_clip.runtime.skips import UNREADABLE, Skip
 
 
 def embed_to_npy(load_encoder: Callable[[], Encoder], inputs: Sequence[str], out: str | os.PathLike,
                  batch_size: int = 32, text_file: str | None = None, files_from: str | None = None, workers: int = 0,
-                 image_keys: Sequence[str] = IMAGE_KEYS, limits: PixelLimits | None = None,
-                 quiet: bool = False, progress_interval: float | None = None, decode: str = 'exact',
-                 remote: RemoteOptions = RemoteOptions(), give_up: Sequence[str] = ()) -> tuple[int, list[Skip]]:
+                 quiet: bool = False, progress_interval: float | None = None, give_up: Sequence[str] = (),
+                 reading: Reading = Reading()) -> tuple[int, list[Skip]]:
     """Write FILE.npy and FILE.paths.txt; return the number of rows and the samples skipped.
 
     The inputs are listed (or the text file read) before `load_encoder` is called, so that a mistake in
@@ -41,13 +41,13 @@ def embed_to_npy(load_encoder: Callable[[], Encoder], inputs: Sequence[str], out
             progress = Progress(len(lines), 'text', interval=progress_interval, enabled=not quiet)
             return _embed_lines(load_encoder(), lines, writer, batch_size, progress)
         units, listing = list_units(inputs, files_from, 10_000)
-        units = _without(units, give_up)
+        given_up = named_shards(units, give_up)
+        units = [u for u in units if u.index not in given_up]
         for note in listing.notes():
             print(note, file=sys.stderr)
         progress = Progress(sum(len(u.files) for u in units) or None, 'image', interval=progress_interval,
                             enabled=not quiet)
-        return _embed_images(load_encoder(), units, writer, batch_size, workers, image_keys, limits, progress,
-                             decode, remote)
+        return _embed_images(load_encoder(), reading, units, writer, batch_size, workers, progress)
 
 
 def _text_lines(text_file: str) -> list[str]:
@@ -80,42 +80,31 @@ def _embed_lines(encoder: Encoder, lines: list[str], writer: NpyWriter, batch_si
     return len(lines), []
 
 
-def _without(units: list[Unit], give_up: Sequence[str]) -> list[Unit]:
-    """The units less the shards given up on (each named must be one of them)."""
-    named = {identity: arg for arg in give_up for identity in named_identities(arg)}
-    shards = {s.real for unit in units if unit.shard is not None for s in unit.sources}
-    for identity, arg in named.items():
-        if identity not in shards:
-            raise UsageError(f"{param('give_up', arg)}: no shard of the inputs is {identity}")
-    return [u for u in units if not (u.shard is not None and u.sources[0].real in named)]
-
-
-def _in_input_order(batches: Iterable[Batch]) -> Iterator[Batch]:
-    """The batches of units in unit order: units arrive interleaved from the workers; a unit read again from its
-    start (`restart`) forgets what it gave before."""
-    pending: dict[int, list[Batch]] = {}
+def _in_input_order(encoded: Iterable[tuple[Batch, np.ndarray | None, object]], units: Sequence[Unit]
+                    ) -> Iterator[tuple[Batch, np.ndarray | None]]:
+    """The encoded batches of units in unit order: units arrive interleaved from the workers; a unit read again
+    from its start (`restart`) forgets what it gave before. What waits holds rows, not pixels."""
+    order = [u.index for u in units]
+    pending: dict[int, list[tuple[Batch, np.ndarray | None]]] = {}
     following = 0
-    for batch in batches:
+    for batch, image, _ in encoded:
         if batch.restart:
             pending.pop(batch.unit, None)
             continue
-        pending.setdefault(batch.unit, []).append(batch)
-        while pending.get(following) and pending[following][-1].end:
-            yield from pending.pop(following)
+        pending.setdefault(batch.unit, []).append((batch, image))
+        while following < len(order) and pending.get(order[following]) and pending[order[following]][-1][0].end:
+            yield from pending.pop(order[following])
             following += 1
 
 
-def _embed_images(encoder: Encoder, units: list, writer: NpyWriter, batch_size: int, workers: int,
-                  image_keys: Sequence[str], limits: PixelLimits | None, progress: Progress,
-                  decode: str, remote: RemoteOptions) -> tuple[int, list[Skip]]:
+def _embed_images(encoder: Encoder, reading: Reading, units: list[Unit], writer: NpyWriter, batch_size: int,
+                  workers: int, progress: Progress) -> tuple[int, list[Skip]]:
     keys, skipped = [], []
     by_index = {u.index: u for u in units}
     try:
-        dataset = UnitDataset(units, Pixels(encoder.preprocess, decode), batch_size, image_keys=image_keys,
-                              limits=limits, remote=remote)
-        decoding = DecodedBatches(dataset, min(workers, len(units)), encoder.device_type, quiet_s=remote.quiet_s())
+        encoded = EncodedUnits(encoder, units, batch_size, workers, reading)
         unreadable = []
-        for batch, image, _ in encoder.encoded(_in_input_order(decoding)):
+        for batch, image in _in_input_order(encoded, units):
             failed = [s for s in batch.skipped if s.reason == UNREADABLE]
             unreadable += [f'{name_text(by_index[batch.unit].source)} ({s.detail})' for s in failed]
             skipped += [s for s in batch.skipped if s.reason != UNREADABLE]

@@ -1,69 +1,145 @@
-"""What an `embed` job is asked to do, checked before anything is imported, listed or loaded.
+"""What an `embed` job is asked to do: one list of options (`EmbedOptions`), from which the Python call's keywords
+(`embed.api.embed`), the command line's flags (`add_arguments`) and the settings an output folder records
+(`recorded`) are all derived; checked (`check`) before anything is imported, listed or loaded.
+
+A field's metadata says how the command line spells it (`flag`, argparse keywords, help) and whether an output
+folder records it (the settings that determine its rows, see `store.folder.FolderSettings`). The model options
+are the `ModelChoice`'s, spelled by the command line's shared model options.
 
 This module imports nothing heavy (no reader, no store), so that a mistake in the arguments is reported
 at once."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
-from eva_open_clip.embed.defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
-from eva_open_clip.embed.ranks import Ranks
-from eva_open_clip.errors import UsageError, param, switch
+from eva_open_clip.errors import UsageError, did_you_mean, param, switch
+from eva_open_clip.runtime.choice import DEFAULT_MODEL, ModelChoice
+from eva_open_clip.runtime.defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
+from eva_open_clip.runtime.ranks import Ranks
 
-DEFAULT_MODEL = 'EVA_CLIP_g_14'
 DEFAULT_PART_SIZE = 100_000
-PRECISIONS = ('fp32', 'fp16', 'bf16', 'pure_fp16', 'pure_bf16', 'amp', 'amp_bf16', 'amp_bfloat16')
 DECODE_MODES = ('exact', 'fast')
-QUANTIZE_CHOICES = ('none', 'int8')
+MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelChoice))  # the command line's shared model options
+
+
+def _option(default: Any, help: str | None = None, *, recorded: bool = False, flag: str | None = None,
+            group: str | None = None, **cli: Any) -> Any:
+    """A field of `EmbedOptions`: its default, its help, whether a folder records it, its command-line spelling."""
+    return field(default=default, metadata=dict(help=help, recorded=recorded, flag=flag, group=group, cli=cli))
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(text.split(','))
+
+
+REMOTE = 'remote shards (http(s):// and pipe:COMMAND)'
 
 
 @dataclass
 class EmbedOptions:
     """The arguments of `embed` (see its docstring); `check` refuses what cannot work, before any work."""
 
-    inputs: tuple[str, ...]
-    out: str
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None
-    device: str | None = None
-    precision: str | None = None  # None: the folder's, else the device's default (`devices.defaults_for`)
-    batch_size: int | None = None  # None: the device's default
-    decode: str | None = None  # None: the folder's, else the device's default
-    compile: bool = False
-    quantize: str | None = None  # None: the folder's, else no quantization ('none'); 'int8'
-    workers: int | None = None
-    stall_timeout: float = 1800.0  # seconds without a byte that make a remote read a failed one
-    retries: int = 5  # more tries of a remote read after a transient failure, 1, 2, 4, ... seconds apart
-    give_up: tuple[str, ...] = ()  # shards never read, given up on for good
-    captions: bool = False
-    files_from: str | None = None
-    text_file: str | None = None
-    part_size: int = DEFAULT_PART_SIZE
-    image_keys: tuple[str, ...] = IMAGE_KEYS
-    caption_key: str = CAPTION_KEY
-    max_image_pixels: int = MAX_IMAGE_PIXELS
-    max_resized_pixels: int = MAX_RESIZED_PIXELS
-    progress_interval: float | None = None
-    quiet: bool = False
-    ranks: Ranks = field(default_factory=Ranks.from_env)
+    inputs: tuple[str, ...] = _option((), 'image files, folders, .tar shards, globs or brace patterns', nargs='*')
+    out: str | None = _option(None, 'output FILE.npy, or a folder', required=True)
+    captions: bool = _option(False, "also embed each sample's caption (folder output)", recorded=True)
+    files_from: str | None = _option(None, 'a file with one image path per line')
+    text_file: str | None = _option(None, 'embed the lines of this file instead of images')
+    workers: int | None = _option(None, 'DataLoader workers decoding images (default: the available cores, per rank; '
+                                        'less two on a GPU, for the main process and its pinning thread)', type=int)
+    batch_size: int | None = _option(None, '(default: 256 on a GPU, 32 on the CPU)', type=int)
+    decode: str | None = _option(
+        None, "exact: open_clip's own preprocessing; fast: JPEGs decoded at reduced scale (never below twice the "
+              "model's size) and resized in torch, a few pixel levels and about 1e-3 of a feature away (default: "
+              'fast on a GPU, exact on the CPU; a resumed folder keeps its own)', recorded=True, choices=DECODE_MODES)
+    part_size: int = _option(DEFAULT_PART_SIZE, 'rows per output part in a folder (default: %(default)s)',
+                             recorded=True, type=int)
+    image_keys: tuple[str, ...] = _option(
+        IMAGE_KEYS, f"webdataset image keys, comma-separated, first found wins (default: {','.join(IMAGE_KEYS)})",
+        recorded=True, flag='image_key', type=_words)
+    caption_key: str = _option(CAPTION_KEY, 'webdataset caption key (default: %(default)s)', recorded=True)
+    max_image_pixels: int = _option(
+        MAX_IMAGE_PIXELS, 'skip (reason image_too_large) an image of more pixels, found from its header before '
+                          "decoding (default: %(default)s, PIL's decompression-bomb guard)", recorded=True, type=int)
+    max_resized_pixels: int = _option(
+        MAX_RESIZED_PIXELS, "skip (reason image_too_large) an image whose short side resized to the model's image "
+                            'size gives more pixels (default: %(default)s: aspect ratios up to about 330:1 at 224 '
+                            'px)', recorded=True, type=int)
+    stall_timeout: float = _option(1800.0, 'seconds without a byte after which a read fails (default: %(default)s)',
+                                   group=REMOTE, type=float)
+    retries: int = _option(5, 'more tries of a read that failed for a reason that may pass (a 503, a cut connection, '
+                              'a stall, an error page), 1, 2, 4, ... seconds apart (default: %(default)s)',
+                           group=REMOTE, type=int)
+    give_up: tuple[str, ...] = _option(
+        (), 'give up for good on a shard that cannot be read, as listed (repeatable): recorded with no rows in '
+            'summary.json, so that the job can finish', group=REMOTE, action='append', metavar='SHARD')
+    progress_interval: float | None = _option(
+        None, 'seconds between progress lines when standard error is not a terminal (default: 30)', type=float)
+    quiet: bool = _option(False, 'no progress output (errors and the final line remain)')
+    # the model: ModelChoice's settings (the command line's shared model options)
+    model: str = _option(DEFAULT_MODEL, recorded=True)
+    pretrained: str | None = _option(None, recorded=True)
+    device: str | None = _option(None)
+    precision: str | None = _option(None, recorded=True)  # None: the folder's, else the device's default
+    quantize: str | None = _option(None, recorded=True)  # None: the folder's, else none ('none')
+    compile: bool = _option(False)
+
+    @classmethod
+    def from_call(cls, inputs: Any, keywords: Mapping[str, Any]) -> 'EmbedOptions':
+        """The options of a Python call: `inputs` one path or many, each keyword a field (a misspelled one is
+        refused naming the closest)."""
+        import os
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in keywords:
+            if name not in names or name == 'inputs':
+                raise UsageError(f'embed() takes no option {name}{did_you_mean(name, names)}')
+        if 'out' not in keywords:
+            raise UsageError(f"give {param('out', 'FILE.npy')} or {param('out', 'DIR')}")
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        values = dict(keywords, inputs=inputs)
+        for name in ('inputs', 'give_up', 'image_keys'):
+            if name in values:
+                values[name] = tuple(map(str, values[name]))
+        for name in ('out', 'files_from', 'text_file'):
+            if values.get(name) is not None:
+                values[name] = str(values[name])
+        if 'stall_timeout' in values:
+            values['stall_timeout'] = float(values['stall_timeout'])
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> 'EmbedOptions':
+        """The options of a parsed command line (see `add_arguments`)."""
+        return cls.from_call(args.inputs, {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                                           if f.name != 'inputs'})
 
     @property
     def to_npy(self) -> bool:
         """Whether the output is one FILE.npy (else a folder)."""
         return self.out.endswith('.npy')
 
-    def check(self) -> None:
-        """Refuse arguments that cannot work together, and the model, tag and device this machine lacks."""
+    def recorded(self, **resolved: Any) -> dict[str, Any]:
+        """The settings an output folder records (those that determine its rows), with `resolved` values (the
+        precision, decoding and quantization a run resolved) in place of the options'."""
+        values = {f.name: resolved.get(f.name, getattr(self, f.name))
+                  for f in dataclasses.fields(self) if f.metadata['recorded']}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    def check(self, ranks: Ranks) -> ModelChoice:
+        """Refuse arguments that cannot work together, and the model, tag and device this machine lacks; the
+        model choice, checked."""
         if not self.inputs and not self.text_file and not self.files_from:
             raise UsageError(f"give images, folders, tar shards, {param('files_from', 'LIST')} or "
                              f"{param('text_file', 'FILE')}")
         for name in ('batch_size', 'part_size', 'max_image_pixels', 'max_resized_pixels'):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f'{param(name)} must be at least 1')
-        for name, value, choices in (('precision', self.precision, PRECISIONS), ('decode', self.decode, DECODE_MODES),
-                                     ('quantize', self.quantize, QUANTIZE_CHOICES)):
-            if value is not None and value not in choices:
-                raise UsageError(f"{param(name, value)}: choose from {', '.join(choices)}")
+        if self.decode is not None and self.decode not in DECODE_MODES:
+            raise UsageError(f"{param('decode', self.decode)}: choose from {', '.join(DECODE_MODES)}")
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"{param('workers')} must be 0 or more")
         if self.retries < 0:
@@ -73,7 +149,7 @@ class EmbedOptions:
         from eva_open_clip.embed.remote import check_url, is_url
         for url in (arg for arg in self.inputs + self.give_up if is_url(arg)):
             check_url(url)
-        if self.to_npy and self.ranks.world_size > 1:
+        if self.to_npy and ranks.world_size > 1:
             raise UsageError(f"{param('out', 'FILE.npy')} is written by one process: under torchrun give "
                              f"{param('out', 'DIR')}")
         if self.to_npy and self.captions:
@@ -83,12 +159,35 @@ class EmbedOptions:
         if self.text_file and (self.inputs or self.files_from):
             raise UsageError(f"{param('text_file')} embeds the lines of one file: give no images, folders or "
                              f"{param('files_from')}")
-        from eva_open_clip.embed.devices import check_device
-        from eva_open_clip.loading import check_model, resolve_pretrained
-        check_model(self.model)
-        self.pretrained = resolve_pretrained(self.model, self.pretrained)
-        if self.quantize not in (None, 'none'):
-            from eva_open_clip.quantize import check as check_quantize
-            check_quantize(self.quantize)
-        if self.ranks.world_size == 1:  # under torchrun each rank's device is checked once known
-            check_device(self.device)
+        # under torchrun each rank's device is checked once known
+        return ModelChoice.checked(**{name: getattr(self, name) for name in MODEL_OPTIONS},
+                                   device_known_later=ranks.world_size > 1)
+
+
+def call_signature(function) -> inspect.Signature:
+    """`embed`'s signature as its options make it: `inputs`, then every option by keyword."""
+    parameters = [inspect.Parameter('inputs', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=())]
+    parameters += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                     default=inspect.Parameter.empty if f.name == 'out' else f.default,
+                                     annotation=f.type)
+                   for f in dataclasses.fields(EmbedOptions) if f.name != 'inputs']
+    return inspect.signature(function).replace(parameters=parameters)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`embed`'s own flags, each from its option (the model options are the shared ones, added by the caller)."""
+    groups: dict[str | None, Any] = {None: parser}
+    for f in dataclasses.fields(EmbedOptions):
+        if f.name in MODEL_OPTIONS:
+            continue
+        meta = f.metadata
+        where = groups.get(meta['group']) or groups.setdefault(meta['group'], parser.add_argument_group(meta['group']))
+        cli = dict(meta['cli'])
+        if f.name == 'inputs':
+            where.add_argument('inputs', help=meta['help'], **cli)
+            continue
+        if f.type == 'bool':
+            cli.setdefault('action', 'store_true')
+        flag = '--' + (meta['flag'] or f.name).replace('_', '-')
+        default = [] if cli.get('action') == 'append' else f.default
+        where.add_argument(flag, dest=f.name, default=default, help=meta['help'], **cli)

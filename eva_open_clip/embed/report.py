@@ -4,9 +4,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from eva_open_clip.embed.skips import Skip
 from eva_open_clip.embed.store.names import name_text
 from eva_open_clip.embed.store.records import RankCounts
+from eva_open_clip.runtime.skips import Skip
 
 
 def skipped_text(reasons: dict[str, int]) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, Sequence
 
-from eva_open_clip.embed.defaults import IMAGE_KEYS
 from eva_open_clip.embed.remote import RemoteOptions
-from eva_open_clip.embed.skips import Reason, Sample, Skip
 from eva_open_clip.embed.store import metadata
 from eva_open_clip.embed.tar import MAX_MEMBER_BYTES, TOO_LARGE, ShardRead, tar_members
+from eva_open_clip.runtime.defaults import IMAGE_KEYS
+from eva_open_clip.runtime.skips import Reason, Sample, Skip
 
 
 def _tar_samples(shard: str, image_keys: Sequence[str], caption_key: str | None, remote: RemoteOptions,

@@ -20,7 +20,7 @@ from typing import BinaryIO, Iterator
 from webdataset.tariterators import base_plus_ext
 
 from eva_open_clip.embed.remote import ReadFailed, RemoteOptions, RemoteStream, is_url, open_remote
-from eva_open_clip.embed.skips import UNREADABLE, Reason, Skip
+from eva_open_clip.runtime.skips import UNREADABLE, Reason, Skip
 
 MAX_MEMBER_BYTES = 1 << 30  # a larger member is not read: its sample is a `member_too_large` skip
 TOO_LARGE = object()  # stands for the data of such a member

@@ -59,7 +59,7 @@ def _checkpoint(name: str, pretrained: str, cache_dir: Optional[str]) -> str:
     """The file or this package's tag that `pretrained` names (the repository's tag `eva_clip`: the model's released
     file), downloaded into the hub cache first; RuntimeError when there is none."""
     from eva_open_clip.hub import ensure_downloaded
-    from eva_open_clip.loading import default_pretrained
+    from eva_open_clip.registry import default_pretrained
     tag = default_pretrained(name) if pretrained == REPOSITORY_TAG else pretrained
     if tag and open_clip.get_pretrained_cfg(name, tag):
         ensure_downloaded(name, tag, cache_dir)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eva_open_clip.embed.pixels import Pixels
+from eva_open_clip.runtime.pixels import Pixels
 from support.checkpoints import DATA
 
 # how far `fast` may move a JPEG from `exact`: uint8 levels at the released models' 224 px, and the cosine of the
@@ -74,7 +74,7 @@ def modes():
 
 @pytest.mark.parametrize('name', list(_jpegs()) + list(_others()))
 def test_exact_is_open_clips_preprocess_bit_for_bit(modes, name):
-    from eva_open_clip.embed.decode import open_image
+    from eva_open_clip.runtime.decode import open_image
     preprocess = _released_transform()
     data = {**_jpegs(), **_others()}[name]
     exact, _ = modes

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from eva_open_clip.embed.loader import Batch, DecodedBatches, UnitDataset
-from eva_open_clip.embed.pixels import Pixels
 from eva_open_clip.embed.units import list_units
 from eva_open_clip.errors import ToolError
+from eva_open_clip.runtime.pixels import Pixels
 from support.checkpoints import DATA
 from support.cli import TORCHRUN
 from support.embed import TINY

@@ -270,13 +270,3 @@ def test_small_shared_memory_lowers_the_prefetch_or_says_what_to_do(tiny, tmp_pa
         'eva-open-clip embed: /dev/shm has 8 MB free, too little for 2 decoding worker(s) handing over batches of '
         '2 MB: give the container more shared memory (e.g. docker run --shm-size 8g), or lower --batch-size or '
         '--workers (--workers 0 decodes in this process)')
-
-
-def test_each_rank_takes_the_gpu_of_its_local_rank():
-    from eva_open_clip.embed.devices import rank_device
-    from eva_open_clip.errors import UsageError
-    assert [rank_device('cuda', r, 8, cuda=True) for r in (0, 5)] == ['cuda:0', 'cuda:5']
-    assert rank_device(None, 3, 8, cuda=True) == 'cuda:3' and rank_device(None, 3, 8, cuda=False) is None
-    assert rank_device('cpu', 3, 8, cuda=True) == 'cpu' and rank_device('cuda:1', 0, 1, cuda=True) == 'cuda:1'
-    with pytest.raises(UsageError, match='would put all 8 ranks of this node on one GPU'):
-        rank_device('cuda:0', 2, 8, cuda=True)

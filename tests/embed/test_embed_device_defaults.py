@@ -14,18 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eva_open_clip.embed.devices import defaults_for
 from support.cli import error_line
 from support.embed import add_member, embed_here, read_folder, run_embed, same_output
-
-
-def test_the_defaults_of_each_device():
-    assert defaults_for('cuda') == defaults_for('cuda', bf16=True)
-    assert (defaults_for('cuda').precision, defaults_for('cuda').batch_size, defaults_for('cuda').decode) == \
-        ('bf16', 256, 'fast')
-    assert defaults_for('cuda', bf16=False).precision == 'fp16'  # a GPU without bf16 (V100, T4)
-    assert (defaults_for('cpu').precision, defaults_for('cpu').batch_size, defaults_for('cpu').decode) == \
-        ('fp32', 32, 'exact')
 
 
 def _jpeg(seed: int, width: int, height: int) -> bytes:

@@ -136,9 +136,9 @@ def test_npy_names_of_any_bytes_one_line_each(tiny, tmp_path):
 def test_npy_killed_between_its_two_renames_never_pairs_other_rows(tiny, tmp_path, monkeypatch):
     """The journal commits FILE.npy and FILE.paths.txt together: after a kill, no FILE.npy stands beside
     the other run's paths, and the next run completes the commit."""
-    from eva_open_clip.embed.encoder import Encoder
     from eva_open_clip.embed.npy_job import embed_to_npy
     from eva_open_clip.embed.store import npy_file as npy_output
+    from eva_open_clip.runtime.encoder import Encoder
     _, model, preprocess, tokenizer = tiny
     encoder = Encoder(model, preprocess, tokenizer, 'cpu', 'fp32')
     folder = tmp_path / 'imgs'

@@ -66,7 +66,7 @@ print(json.dumps(dict(stuck=stuck, codes=codes)))
 
 def test_a_signal_anywhere_stops_the_job_and_its_clean_up_ends():
     # before signals were put off in lock handling, 14 trials of 400 hung here and one ended in a RuntimeError
-    module = Path(eva_open_clip.__file__).parent / 'embed' / 'signals.py'
+    module = Path(eva_open_clip.__file__).parent / 'runtime' / 'signals.py'
     result = subprocess.run([sys.executable, '-c', SCRIPT, str(TRIALS), str(module)], capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,8 +12,8 @@ import pytest
 
 from eva_open_clip.embed.inputs import InputError, Source
 from eva_open_clip.embed.samples import unit_samples
-from eva_open_clip.embed.skips import Sample, Skip
 from eva_open_clip.embed.units import group_units, plan_units
+from eva_open_clip.runtime.skips import Sample, Skip
 
 MEMBERS = [('a.jpg', b'A'), ('a.txt', b'cap a'), ('a.json', b'{"n": 1}'), ('__index__', b'webdataset: no sample'),
            ('b.jpg', b'B'), ('b.json', b'[1]'), ('c.txt', b'no image'), ('d.png', b'D'), ('d.json', b'{"n": 4')]

@@ -22,8 +22,8 @@ from PIL import Image
 
 import eva_open_clip
 from eva_open_clip.classify import BUNDLED_IMAGE
-from eva_open_clip.embed.progress import Progress
 from eva_open_clip.registry import BUILTIN_MODELS
+from eva_open_clip.runtime.progress import Progress
 from support.checkpoints import DATA, fake_hub_cache, golden, register_reference, released_state_dict
 from support.cli import main_here, only_line, run_cli
 
@@ -305,7 +305,7 @@ def test_usage_errors_import_no_tool_module(tmp_path):
         '            pass\n'
         'heavy = ("pyarrow", "webdataset", "eva_open_clip.embed.inputs", "eva_open_clip.embed.loader",\n'
         '         "eva_open_clip.embed.store.folder", "eva_open_clip.embed.store.npy_file",\n'
-        '         "eva_open_clip.embed.folder_job", "eva_open_clip.embed.npy_job", "eva_open_clip.embed.encoder")\n'
+        '         "eva_open_clip.embed.folder_job", "eva_open_clip.embed.npy_job", "eva_open_clip.runtime.encoder")\n'
         'print(sorted(m for m in heavy if m in sys.modules))\n')
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env=dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache')))
@@ -428,8 +428,8 @@ class _OutOfMemory(torch.nn.Module):
 
 
 def test_a_gpu_out_of_memory_says_to_lower_the_batch_size(tmp_path):
-    from eva_open_clip.embed.encoder import Encoder
     from eva_open_clip.errors import COMMAND_LINE, ToolError
+    from eva_open_clip.runtime.encoder import Encoder
     encoder = Encoder(_OutOfMemory(), None, None, 'cpu', 'fp32')
     with pytest.raises(ToolError) as error:
         encoder.encode_pixels(torch.zeros(64, 3, 8, 8))
@@ -459,8 +459,8 @@ class _CountingWorkers(torch.nn.Module):
 
 
 def test_no_more_workers_than_units(tmp_path):
-    from eva_open_clip.embed.encoder import Encoder
     from eva_open_clip.embed.npy_job import embed_to_npy
+    from eva_open_clip.runtime.encoder import Encoder
     model = _CountingWorkers()
     encoder = Encoder(model, model.preprocess, None, 'cpu', 'fp32')
     rows, skipped = embed_to_npy(lambda: encoder, [str(DATA / 'images' / 'palette_120.png')], tmp_path / 'one.npy',

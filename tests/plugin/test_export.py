@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import eva_open_clip.export as export
+import eva_open_clip.convert as export
 from support.checkpoints import DATA, golden, needs_open_clip, register_reference, rel_err
 from support.cli import run_cli
 

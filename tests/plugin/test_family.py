@@ -154,7 +154,7 @@ def test_stock_timm_architecture_is_the_same_model(name):
 @pytest.mark.parametrize('case', ['e02_tiny_a', 'epost_tiny_a', 'rms_tiny_a', 'rmspost_tiny_a'])
 @needs_open_clip((3, 0), "'local-dir:' loading")
 def test_export_of_eva02_and_post_norm_layouts(case, tmp_path):
-    from eva_open_clip.export import export_folder
+    from eva_open_clip.convert import export_folder
     path = tmp_path / 'ckpt.pt'
     torch.save(released_state_dict(case), path)
     out = export_folder(path, tmp_path / 'out', model_name=register_reference(case))
@@ -178,7 +178,7 @@ def test_largest_models_have_no_stock_timm_architecture_and_say_so():
 def test_bias_free_head_loads_strictly_without_invented_keys(case, tmp_path):
     from safetensors import safe_open
 
-    from eva_open_clip.export import WEIGHTS_NAME, export_folder
+    from eva_open_clip.convert import WEIGHTS_NAME, export_folder
     sd = released_state_dict(case)
     assert 'visual.head.weight' in sd and 'visual.head.bias' not in sd
     model = _load(case, dict(sd), tmp_path)

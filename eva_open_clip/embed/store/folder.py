@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -59,29 +59,26 @@ FORMAT_VERSION = 3
 IMPLIED = {'decode': 'exact', 'quantize': 'none'}
 
 
-@dataclass
 class FolderSettings:
-    """What determines the rows of an output folder (recorded in DIR/embed.json and in every done record).
+    """What determines the rows of an output folder (recorded in DIR/embed.json and in every done record): the
+    job's options that say so (`embed.options`: model, weights, precision, decoding, ...; this store reads
+    `model`, `pretrained`, `precision`, `part_size` and `captions`), and the folder's format.
 
     The batch size is not among them (a run after an out-of-memory failure may take a smaller one): each
     unit's record says which it was made with.
     """
 
-    model: str
-    pretrained: str
-    precision: str
-    decode: str
-    quantize: str
-    part_size: int
-    captions: bool
-    image_keys: list[str]
-    caption_key: str
-    max_image_pixels: int
-    max_resized_pixels: int
-    format: int = FORMAT_VERSION
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = json.loads(json.dumps({**values, 'format': FORMAT_VERSION}))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__['_values'][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     def as_json(self) -> dict:
-        return json.loads(json.dumps(self.__dict__))
+        return json.loads(json.dumps(self._values))
 
 
 def _read_record(path: Path) -> UnitRecord | None:

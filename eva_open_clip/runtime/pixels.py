@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision import transforms as tv
 from torchvision.transforms.v2.functional import center_crop, resize
 
-from eva_open_clip.embed.decode import PixelLimits, open_image, opened
+from eva_open_clip.runtime.decode import PixelLimits, open_image, opened
 
 MODES = ('exact', 'fast')
 DRAFT_MARGIN = 2  # a JPEG is decoded at no less than twice the model's image size
@@ -115,14 +115,22 @@ class Pixels:
         """The bytes of one prepared image, as handed over."""
         return self.prepare(_blank()).numel() * (1 if self.split else 4)
 
-    def to_model(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def normalization(self, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`Normalize`'s mean and std as float32 [3, 1, 1] tensors on `device`, made once by the caller (a copy
+        from pageable memory at every batch would make the host wait for the device), or None."""
+        if self.mean is None:
+            return None
+        return tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in (self.mean, self.std))
+
+    def to_model(self, pixels: torch.Tensor, dtype: torch.dtype,
+                 normalization: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """A batch of prepared images (on the model's device) as the model's input in `dtype`: uint8 pixels scaled
-        and normalized as open_clip's `ToTensor` and `Normalize` do, in float32."""
+        and normalized as open_clip's `ToTensor` and `Normalize` do, in float32 (`normalization`: the mean and
+        std already on the device, see `normalization`)."""
         if pixels.dtype != torch.uint8:
             return pixels.to(dtype)
+        mean, std = normalization or self.normalization(pixels.device)
         x = pixels.to(torch.float32).div(255)
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
         return x.sub_(mean).div_(std).to(dtype)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 START_TIMEOUT_S = 'EVA_OPEN_CLIP_START_TIMEOUT_S'  # how long ranks wait for rank 0 to list the inputs
+_control_group = None  # the gloo group of a GPU job's Python objects (`Ranks.share`); None: the default group
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,22 @@ class Ranks:
             return value
         import torch.distributed as dist
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=_control_group)
         return box[0]
 
     @contextlib.contextmanager
     def process_group(self, device: str | None) -> Iterator[str | None]:
         """This rank's device (see `devices.rank_device`), inside torch.distributed's process group of the job
-        (NCCL on GPUs, else gloo), destroyed on the way out; alone, `device` as it is and no group."""
+        (NCCL on GPUs, else gloo), destroyed on the way out; alone, `device` as it is and no group. On GPUs the
+        job's Python objects go through a gloo group of their own (`share`), so that ranks waiting for rank 0 wait
+        on the CPU, not inside an NCCL call holding their GPU."""
         if self.world_size == 1:
             yield device
             return
         import torch
         import torch.distributed as dist
 
-        from eva_open_clip.embed.devices import check_device, rank_device
+        from eva_open_clip.runtime.devices import check_device, rank_device
         device = rank_device(device, self.local_rank, self.local_world_size, torch.cuda.is_available())
         check_device(device)
         cuda = bool(device and device.startswith('cuda'))
@@ -52,8 +55,11 @@ class Ranks:
             torch.cuda.set_device(device)
         # the only collective waits for rank 0 to list the inputs, which may take a while on a slow file system
         timeout = datetime.timedelta(seconds=float(os.environ.get(START_TIMEOUT_S, 3600)))
+        global _control_group
         dist.init_process_group('nccl' if cuda else 'gloo', timeout=timeout)
         try:
+            _control_group = dist.new_group(backend='gloo', timeout=timeout) if cuda else None
             yield device
         finally:
+            _control_group = None
             dist.destroy_process_group()

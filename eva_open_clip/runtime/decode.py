@@ -10,8 +10,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from eva_open_clip.embed.defaults import MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
-from eva_open_clip.embed.skips import Reason, Skip
+from eva_open_clip.runtime.defaults import MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
+from eva_open_clip.runtime.skips import Reason, Skip
 
 
 @dataclass(frozen=True)

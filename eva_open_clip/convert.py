@@ -22,8 +22,7 @@ from .durable import check_empty, write_atomic, write_folder, write_text
 from .empty_build import meta_model
 from .errors import UsageError, param
 from .layout import convert_state_dict
-from .loading import check_model
-from .registry import get_eva_model, list_eva_models, require_eva_model
+from .registry import check_model, get_eva_model, list_eva_models, require_eva_model
 
 CONFIG_NAME = 'open_clip_config.json'
 WEIGHTS_NAME = 'open_clip_model.safetensors'

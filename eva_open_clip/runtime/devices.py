@@ -41,11 +41,19 @@ def check_device(device: str | None) -> None:
 
 
 def rank_device(device: str | None, local_rank: int, local_world_size: int, cuda: bool) -> str | None:
-    """The device of one torchrun rank: `cuda` (or none given, with CUDA present) means cuda:LOCAL_RANK."""
-    if device is None:
-        return f'cuda:{local_rank}' if cuda else None
-    if device == 'cuda':
-        return f'cuda:{local_rank}'
+    """The device of one torchrun (or srun) rank: `cuda` (or none given, with CUDA present) means cuda:LOCAL_RANK
+    where each rank sees the node's GPUs, and cuda:0 where each sees only its own (srun --gpus-per-task=1 sets
+    CUDA_VISIBLE_DEVICES so)."""
+    if device is None and not cuda:
+        return None
+    if device is None or device == 'cuda':
+        visible = torch.cuda.device_count()
+        if visible >= local_world_size:
+            return f'cuda:{local_rank}'
+        if visible == 1:
+            return 'cuda:0'
+        raise UsageError(f'rank {local_rank} of {local_world_size} on this node sees {visible} GPUs: give each rank '
+                         f'its own GPU (CUDA_VISIBLE_DEVICES with one GPU per rank, or all GPUs to every rank)')
     if device.startswith('cuda:') and local_world_size > 1:
         raise UsageError(f"{param('device', device)} would put all {local_world_size} ranks of this node on one "
                          f"GPU: give {param('device', 'cuda')} (each rank takes cuda:LOCAL_RANK)")
@@ -67,15 +75,28 @@ CPU_BATCH_SIZE = 32
 
 
 def defaults_for(device_type: str, bf16: bool = True) -> Defaults:
-    """A GPU: bf16 weights and compute (fp16 where the GPU has no bf16), batches of 256, JPEGs decoded the fast
-    way so that decoding keeps up. Elsewhere (the CPU, where the model is the bottleneck; MPS): fp32, batches
-    of 32, open_clip's own decoding."""
+    """A GPU: bf16 weights and compute (fp16 where the GPU has no bf16 tensor cores), batches of 256, JPEGs
+    decoded the fast way so that decoding keeps up. Elsewhere (the CPU, where the model is the bottleneck; MPS):
+    fp32, batches of 32, open_clip's own decoding."""
     if device_type == 'cuda':
         return Defaults('bf16' if bf16 else 'fp16', GPU_BATCH_SIZE, 'fast', 'a GPU')
     return Defaults('fp32', CPU_BATCH_SIZE, 'exact', 'the CPU' if device_type == 'cpu' else device_type)
 
 
+BF16_CAPABILITY = 8  # Ampere: the first GPUs whose tensor cores take bf16 (torch emulates it on older ones, slowly)
+
+
+def has_fast_bf16(device: str | torch.device) -> bool:
+    """Whether a CUDA device computes bf16 on its tensor cores: compute capability 8.0 or more, asked of that
+    device (torch.cuda.is_bf16_supported() also counts the slow emulation of V100s and T4s, and asks the current
+    device)."""
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= BF16_CAPABILITY
+
+
 def device_defaults(device: str | None) -> Defaults:
     """The defaults of `device` (the default device when None) on this machine."""
-    kind = torch.device(device or default_device()).type
-    return defaults_for(kind, kind != 'cuda' or torch.cuda.is_bf16_supported())
+    device = torch.device(device or default_device())
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    return defaults_for(device.type, device.type != 'cuda' or has_fast_bf16(device))
+
