@@ -12,6 +12,7 @@ skipped, saying so):
 - `core`: `tests`, `gemm`, `encode`, `decode`, `embed`.
 - `large`: `large`.
 - `compile`: `gemm`, `compile`.
+- `train`: `train`.
 
 Sections:
 
@@ -34,7 +35,10 @@ Sections:
 - `compile`: encode_image compiled (`torch.compile`, fullgraph) for B-16, L-14 and g/14 at batch 256 in bf16
   (and B-16 in fp32 with TF32): images/s, fractions of the peaks, compile seconds, peak GPU memory.
 
-Children (`embed`, `large`, the tests) run with a timeout from what is left of the budget, after this process
+- `train`: `eva-open-clip train` of EVA02-CLIP-B-16 and EVA_CLIP_g_14 with its GPU defaults (bf16 autocast),
+  full fine-tuning and LoRA (rank 8), on generated shards: samples/s after the first steps, peak GPU memory.
+
+Children (`embed`, `large`, `train`, the tests) run with a timeout from what is left of the budget, after this process
 has given its cached GPU memory back. Generated files go to `--workdir` (a temporary folder by default) and are
 removed as soon as they have served.
 """
@@ -63,8 +67,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / 'tests' / 'data' / 'tiny_a'
 ENCODE_MODELS = ['EVA02-CLIP-B-16', 'EVA02-CLIP-L-14', 'EVA_CLIP_g_14']
 # seconds each section takes on an H100 or H200, from which the budget decides what still fits
-COSTS = {'tests': 40, 'gemm': 15, 'encode': 90, 'decode': 30, 'embed': 170, 'large': 240, 'compile': 300}
-SETS = {'core': ['tests', 'gemm', 'encode', 'decode', 'embed'], 'large': ['large'], 'compile': ['gemm', 'compile']}
+COSTS = {'tests': 40, 'gemm': 15, 'encode': 90, 'decode': 30, 'embed': 170, 'large': 240, 'compile': 300,
+         'train': 260}
+SETS = {'core': ['tests', 'gemm', 'encode', 'decode', 'embed'], 'large': ['large'], 'compile': ['gemm', 'compile'],
+        'train': ['train']}
 # dense tensor-core peaks as specified (FLOP/s): bf16, and fp32 on TF32
 SPEC_PEAKS = {'H200': (989e12, 494.5e12), 'H100': (989e12, 494.5e12), 'A100': (312e12, 156e12),
               'L40S': (362e12, 183e12), 'A10': (125e12, 62.5e12), 'L4': (121e12, 60e12)}
@@ -354,6 +360,50 @@ def large(bench: Bench) -> None:
         checkpoint.unlink()
 
 
+TRAIN_RUNS = [('EVA02-CLIP-B-16', 128), ('EVA_CLIP_g_14', 32)]
+
+
+def train(bench: Bench) -> None:
+    """`eva-open-clip train`, full and LoRA, per model: samples/s after the first steps, peak GPU memory."""
+    from bench_embed import make_shards
+    folder = bench.workdir / 'train-shards'
+    folder.mkdir(exist_ok=True)
+    steps = 3 if bench.dry_run else 20
+    for name, batch in ([('tiny', 4)] if bench.dry_run else TRAIN_RUNS):
+        if bench.left_s() < 90:
+            emit('train', model=name, skipped='time budget')
+            continue
+        shards = make_shards(folder, steps * batch, per_shard=max(batch, steps * batch // 4))
+        checkpoint = _checkpoint(bench, name)
+        for lora in ((), ('--lora', '8')):
+            out = bench.workdir / f'train-{name}-{len(lora)}'
+            register = ['run', '--register', f'tiny={bench.config}', '-m', 'eva_open_clip'] if bench.dry_run else []
+            cmd = [sys.executable, '-m', 'eva_open_clip', *register, 'train', '--train-data', shards, '--out', str(out),
+                   '--model', name, '--pretrained', str(checkpoint), '--steps', str(steps), '--batch-size',
+                   str(batch), '--save-every', str(steps + 1), '--quiet', *lora]
+            if bench.dry_run:
+                cmd += ['--device', 'cpu', '--workers', '1']
+            bench.release_gpu_memory()
+            try:
+                result = subprocess.run(cmd, capture_output=True, text=True, timeout=bench.child_timeout())
+            except subprocess.TimeoutExpired:
+                emit('train', model=name, lora=bool(lora), error='timed out')
+                continue
+            if result.returncode:
+                emit('train', model=name, lora=bool(lora), error=result.stderr[-1500:])
+                continue
+            lines = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+            timed = [line for line in lines[1:] if 'samples_per_s' in line][2:]
+            emit('train', model=name, lora=bool(lora), batch=batch, params=lines[0]['params'],
+                 samples_per_s=sum(line['samples_per_s'] for line in timed) / max(1, len(timed)),
+                 peak_gpu_memory=timed[-1].get('peak_gpu_memory') if timed else None)
+            shutil.rmtree(out)
+        checkpoint.unlink()
+        for shard in folder.iterdir():
+            shard.unlink()
+    shutil.rmtree(folder)
+
+
 def tests(bench: Bench) -> None:
     """The gpu-marked tests, in a child with a timeout."""
     if bench.dry_run:
@@ -374,7 +424,7 @@ def tests(bench: Bench) -> None:
 
 
 SECTIONS = {'tests': tests, 'gemm': gemm, 'encode': encode, 'decode': decode, 'embed': embed, 'large': large,
-            'compile': compile_section}
+            'compile': compile_section, 'train': train}
 
 
 def main() -> None:

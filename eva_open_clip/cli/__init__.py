@@ -12,19 +12,19 @@ from types import ModuleType
 from typing import Callable, Sequence
 
 from eva_open_clip import __version__
-from eva_open_clip.cli import classify, convert, embed, export_onnx, models, run
+from eva_open_clip.cli import classify, convert, embed, export_onnx, models, run, train
 from eva_open_clip.cli.options import register
 from eva_open_clip.errors import COMMAND_LINE, UserError
 from eva_open_clip.runtime.signals import Interrupted
 
 COMMANDS: dict[str, ModuleType] = {'convert': convert, 'export-onnx': export_onnx, 'models': models,
-                                   'classify': classify, 'embed': embed}
+                                   'classify': classify, 'embed': embed, 'train': train}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='eva-open-clip', description='EVA-CLIP models in open_clip: zero-shot classification, '
-                                          'embeddings, export, and running open_clip tools.')
+                                          'embeddings, fine-tuning, export, and running open_clip tools.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
     for name, command in COMMANDS.items():

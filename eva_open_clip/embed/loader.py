@@ -262,8 +262,9 @@ class DecodedBatches:
     STALLED_S = 1800  # a worker that has not delivered a batch for this long is stuck: the job stops, resumable
 
     def __init__(self, dataset: torch.utils.data.IterableDataset, workers: int, device_type: str,
-                 prefetch: int = PREFETCH, quiet_s: float | None = None):
+                 prefetch: int = PREFETCH, quiet_s: float | None = None, settle_threads: bool = True):
         self.dataset, self.workers, self.device_type, self.prefetch = dataset, workers, device_type, prefetch
+        self.settle_threads = settle_threads  # False: the model's threads stay as they are (training's exactness)
         if quiet_s is not None:
             self.STALLED_S = quiet_s
         self.waited, self._clock = 0.0, None
@@ -275,8 +276,11 @@ class DecodedBatches:
                      worker_init_fn=functools.partial(_exit_with, os.getpid())) if self.workers else {}
         if self.workers > 1 and versions.DATALOADER_IN_ORDER:  # whichever worker is ready first: a unit's
             extra['in_order'] = False  # batches still come in order, from the one worker that reads it
+        # a generator of its own: starting the loader draws no number from torch's global one, which a training
+        # run's random layers use (a resumed run starts its loader at another point of that sequence)
         data = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
-                                                pin_memory=self.device_type == 'cuda', **extra))
+                                                pin_memory=self.device_type == 'cuda',
+                                                generator=torch.Generator().manual_seed(0), **extra))
         threads = torch.get_num_threads()
         try:
             for seen in itertools.count():
@@ -299,7 +303,7 @@ class DecodedBatches:
                     self.decoded += len(batch.keys)
                     used = (time.process_time() - cpu) / len(batch.keys)
                     self.model_cpu_per_image = min(self.model_cpu_per_image, used)
-                if seen == self.DECIDE_AFTER:
+                if seen == self.DECIDE_AFTER and self.settle_threads:
                     self._settle_threads()
         finally:
             torch.set_num_threads(threads)  # a library caller gets its setting back

@@ -13,23 +13,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
-from eva_open_clip.errors import UsageError, did_you_mean, param, switch
+from eva_open_clip.errors import UsageError, param, switch
 from eva_open_clip.runtime.choice import DEFAULT_MODEL, ModelChoice
 from eva_open_clip.runtime.defaults import CAPTION_KEY, IMAGE_KEYS, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS
+from eva_open_clip.runtime.fields import add_flags, check_keywords, option
 from eva_open_clip.runtime.ranks import Ranks
 
 DEFAULT_PART_SIZE = 100_000
 DECODE_MODES = ('exact', 'fast')
 MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelChoice))  # the command line's shared model options
-
-
-def _option(default: Any, help: str | None = None, *, recorded: bool = False, flag: str | None = None,
-            group: str | None = None, **cli: Any) -> Any:
-    """A field of `EmbedOptions`: its default, its help, whether a folder records it, its command-line spelling."""
-    return field(default=default, metadata=dict(help=help, recorded=recorded, flag=flag, group=group, cli=cli))
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -43,59 +38,56 @@ REMOTE = 'remote shards (http(s):// and pipe:COMMAND)'
 class EmbedOptions:
     """The arguments of `embed` (see its docstring); `check` refuses what cannot work, before any work."""
 
-    inputs: tuple[str, ...] = _option((), 'image files, folders, .tar shards, globs or brace patterns', nargs='*')
-    out: str | None = _option(None, 'output FILE.npy, or a folder', required=True)
-    captions: bool = _option(False, "also embed each sample's caption (folder output)", recorded=True)
-    files_from: str | None = _option(None, 'a file with one image path per line')
-    text_file: str | None = _option(None, 'embed the lines of this file instead of images')
-    workers: int | None = _option(None, 'DataLoader workers decoding images (default: the available cores, per rank; '
+    inputs: tuple[str, ...] = option((), 'image files, folders, .tar shards, globs or brace patterns', nargs='*')
+    out: str | None = option(None, 'output FILE.npy, or a folder', required=True)
+    captions: bool = option(False, "also embed each sample's caption (folder output)", recorded=True)
+    files_from: str | None = option(None, 'a file with one image path per line')
+    text_file: str | None = option(None, 'embed the lines of this file instead of images')
+    workers: int | None = option(None, 'DataLoader workers decoding images (default: the available cores, per rank; '
                                         'less two on a GPU, for the main process and its pinning thread)', type=int)
-    batch_size: int | None = _option(None, '(default: 256 on a GPU, 32 on the CPU)', type=int)
-    decode: str | None = _option(
+    batch_size: int | None = option(None, '(default: 256 on a GPU, 32 on the CPU)', type=int)
+    decode: str | None = option(
         None, "exact: open_clip's own preprocessing; fast: JPEGs decoded at reduced scale (never below twice the "
               "model's size) and resized in torch, a few pixel levels and about 1e-3 of a feature away (default: "
               'fast on a GPU, exact on the CPU; a resumed folder keeps its own)', recorded=True, choices=DECODE_MODES)
-    part_size: int = _option(DEFAULT_PART_SIZE, 'rows per output part in a folder (default: %(default)s)',
+    part_size: int = option(DEFAULT_PART_SIZE, 'rows per output part in a folder (default: %(default)s)',
                              recorded=True, type=int)
-    image_keys: tuple[str, ...] = _option(
+    image_keys: tuple[str, ...] = option(
         IMAGE_KEYS, f"webdataset image keys, comma-separated, first found wins (default: {','.join(IMAGE_KEYS)})",
         recorded=True, flag='image_key', type=_words)
-    caption_key: str = _option(CAPTION_KEY, 'webdataset caption key (default: %(default)s)', recorded=True)
-    max_image_pixels: int = _option(
+    caption_key: str = option(CAPTION_KEY, 'webdataset caption key (default: %(default)s)', recorded=True)
+    max_image_pixels: int = option(
         MAX_IMAGE_PIXELS, 'skip (reason image_too_large) an image of more pixels, found from its header before '
                           "decoding (default: %(default)s, PIL's decompression-bomb guard)", recorded=True, type=int)
-    max_resized_pixels: int = _option(
+    max_resized_pixels: int = option(
         MAX_RESIZED_PIXELS, "skip (reason image_too_large) an image whose short side resized to the model's image "
                             'size gives more pixels (default: %(default)s: aspect ratios up to about 330:1 at 224 '
                             'px)', recorded=True, type=int)
-    stall_timeout: float = _option(1800.0, 'seconds without a byte after which a read fails (default: %(default)s)',
+    stall_timeout: float = option(1800.0, 'seconds without a byte after which a read fails (default: %(default)s)',
                                    group=REMOTE, type=float)
-    retries: int = _option(5, 'more tries of a read that failed for a reason that may pass (a 503, a cut connection, '
+    retries: int = option(5, 'more tries of a read that failed for a reason that may pass (a 503, a cut connection, '
                               'a stall, an error page), 1, 2, 4, ... seconds apart (default: %(default)s)',
                            group=REMOTE, type=int)
-    give_up: tuple[str, ...] = _option(
+    give_up: tuple[str, ...] = option(
         (), 'give up for good on a shard that cannot be read, as listed (repeatable): recorded with no rows in '
             'summary.json, so that the job can finish', group=REMOTE, action='append', metavar='SHARD')
-    progress_interval: float | None = _option(
+    progress_interval: float | None = option(
         None, 'seconds between progress lines when standard error is not a terminal (default: 30)', type=float)
-    quiet: bool = _option(False, 'no progress output (errors and the final line remain)')
+    quiet: bool = option(False, 'no progress output (errors and the final line remain)')
     # the model: ModelChoice's settings (the command line's shared model options)
-    model: str = _option(DEFAULT_MODEL, recorded=True)
-    pretrained: str | None = _option(None, recorded=True)
-    device: str | None = _option(None)
-    precision: str | None = _option(None, recorded=True)  # None: the folder's, else the device's default
-    quantize: str | None = _option(None, recorded=True)  # None: the folder's, else none ('none')
-    compile: bool = _option(False)
+    model: str = option(DEFAULT_MODEL, recorded=True)
+    pretrained: str | None = option(None, recorded=True)
+    device: str | None = option(None)
+    precision: str | None = option(None, recorded=True)  # None: the folder's, else the device's default
+    quantize: str | None = option(None, recorded=True)  # None: the folder's, else none ('none')
+    compile: bool = option(False)
 
     @classmethod
     def from_call(cls, inputs: Any, keywords: Mapping[str, Any]) -> 'EmbedOptions':
         """The options of a Python call: `inputs` one path or many, each keyword a field (a misspelled one is
         refused naming the closest)."""
         import os
-        names = [f.name for f in dataclasses.fields(cls)]
-        for name in keywords:
-            if name not in names or name == 'inputs':
-                raise UsageError(f'embed() takes no option {name}{did_you_mean(name, names)}')
+        check_keywords(cls, 'embed', keywords, 'inputs')
         if 'out' not in keywords:
             raise UsageError(f"give {param('out', 'FILE.npy')} or {param('out', 'DIR')}")
         if isinstance(inputs, (str, os.PathLike)):
@@ -176,18 +168,4 @@ def call_signature(function) -> inspect.Signature:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`embed`'s own flags, each from its option (the model options are the shared ones, added by the caller)."""
-    groups: dict[str | None, Any] = {None: parser}
-    for f in dataclasses.fields(EmbedOptions):
-        if f.name in MODEL_OPTIONS:
-            continue
-        meta = f.metadata
-        where = groups.get(meta['group']) or groups.setdefault(meta['group'], parser.add_argument_group(meta['group']))
-        cli = dict(meta['cli'])
-        if f.name == 'inputs':
-            where.add_argument('inputs', help=meta['help'], **cli)
-            continue
-        if f.type == 'bool':
-            cli.setdefault('action', 'store_true')
-        flag = '--' + (meta['flag'] or f.name).replace('_', '-')
-        default = [] if cli.get('action') == 'append' else f.default
-        where.add_argument(flag, dest=f.name, default=default, help=meta['help'], **cli)
+    add_flags(parser, EmbedOptions, leave_out=MODEL_OPTIONS, positional='inputs')

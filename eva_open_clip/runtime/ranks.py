@@ -14,7 +14,7 @@ _control_group = None  # the gloo group of a GPU job's Python objects (`Ranks.sh
 
 @dataclass(frozen=True)
 class Ranks:
-    """The global and the node-local rank and world size. `share` is a collective."""
+    """The global and the node-local rank and world size. `share` and `gather` are collectives."""
 
     rank: int = 0
     world_size: int = 1
@@ -34,6 +34,15 @@ class Ranks:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=_control_group)
         return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's value, in rank order, on every rank (a collective)."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=_control_group)
+        return values
 
     @contextlib.contextmanager
     def process_group(self, device: str | None) -> Iterator[str | None]:

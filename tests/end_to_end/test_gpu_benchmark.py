@@ -31,8 +31,8 @@ def test_gpu_benchmark_dry_run_prints_every_measurement(tmp_path):
             assert 'error' not in record, (section, record)
         else:
             runs.setdefault(section, []).append(record)
-    assert ended == ['tests', 'gemm', 'encode', 'decode', 'embed', 'large', 'compile']
-    assert list(runs) == ['machine', 'tests', 'gemm', 'encode', 'decode', 'embed', 'large', 'compile', 'done']
+    assert ended == ['tests', 'gemm', 'encode', 'decode', 'embed', 'large', 'compile', 'train']
+    assert list(runs) == ['machine', 'tests', 'gemm', 'encode', 'decode', 'embed', 'large', 'compile', 'train', 'done']
     assert runs['machine'][0]['device'] == 'cpu (dry run)'
     [gemm] = runs['gemm']
     assert gemm['bf16_flop_per_s'] > 0 and gemm['fp32_tf32_flop_per_s'] > 0 and gemm['spec_bf16_flop_per_s'] is None
@@ -58,6 +58,9 @@ def test_gpu_benchmark_dry_run_prints_every_measurement(tmp_path):
     assert [r['size'] for r in runs['decode']] == ['256x256', '500x375', '1600x1200']
     large = runs['large']
     assert large and all(r['images_per_s'] > 0 and r['load_seconds'] > 0 for r in large)
+    assert [(r['model'], r['lora'], r['params']['trainable'] < r['params']['total']) for r in runs['train']] == \
+        [('tiny', False, False), ('tiny', True, True)]
+    assert all(r['samples_per_s'] > 0 for r in runs['train'])
     assert list(tmp_path.iterdir()) == [tmp_path / 'tiny.json']  # generated checkpoints and shards are removed
 
 

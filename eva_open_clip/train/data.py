@@ -1,0 +1,138 @@
+"""The training pairs of `train`, in an order that the seed alone fixes (not the number of workers or ranks'
+timing), so that a run resumed from a checkpoint sees exactly the samples an uninterrupted one would.
+
+Each epoch takes the shards in an order drawn from (seed, epoch); rank r of W takes every W-th of them. A shard is
+read whole by one decoding worker, as `embed` reads it (the same readers, remote shards, skip rules), and its
+usable pairs are put in an order drawn from (seed, epoch, shard); the rank's stream is those shards' pairs one
+after another, epoch after epoch, cut into batches. Where a rank stands in its stream (`Position`: the epoch, how
+many of its shards of that epoch were begun, how many pairs of the last one were taken) is all a checkpoint
+needs: a resumed run reads from that shard on, dropping the pairs already taken.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from eva_open_clip.embed.job import Reading
+from eva_open_clip.embed.loader import DecodedBatches, UnitDataset, shm_prefetch
+from eva_open_clip.embed.units import Unit
+from eva_open_clip.errors import UsageError, param
+from eva_open_clip.runtime.pixels import Pixels
+from eva_open_clip.runtime.skips import Reason
+
+CHUNK = 64  # pairs a decoding worker hands over at a time
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a rank stands in its stream: `epoch`, the shards of that epoch's order it began (`shards`), the pairs
+    of the last begun shard already taken (`taken`; 0 when the next batch starts a shard)."""
+
+    epoch: int = 0
+    shards: int = 0
+    taken: int = 0
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    value = 0
+    for s in seeds:
+        value = (value * 1_000_003 + int(s)) % (2 ** 62)
+    return torch.Generator().manual_seed(value)
+
+
+def epoch_shards(units: Sequence[Unit], seed: int, epoch: int, rank: int, world_size: int) -> list[Unit]:
+    """Rank `rank`'s shards of `epoch`, in the epoch's order."""
+    order = torch.randperm(len(units), generator=_generator(seed, epoch)).tolist()
+    return [units[i] for i in order][rank::world_size]
+
+
+class Pairs:
+    """Batches of (uint8 pixels, tokens) of one rank's stream from a position on, and the position after each."""
+
+    def __init__(self, units: Sequence[Unit], pixels: Pixels, tokenizer, reading: Reading, batch_size: int,
+                 workers: int, seed: int, rank: int = 0, world_size: int = 1, device_type: str = 'cpu'):
+        if len(units) < world_size:
+            raise UsageError(f'{len(units)} shard(s) for {world_size} processes: give each process a shard at least')
+        self.units, self.pixels, self.tokenizer, self.reading = list(units), pixels, tokenizer, reading
+        self.batch_size, self.workers, self.seed = batch_size, workers, seed
+        self.rank, self.world_size, self.device_type = rank, world_size, device_type
+        self.skipped: dict[str, int] = {}
+        self.decoded = None  # the DecodedBatches of the shards being read (its waits)
+
+    def batches(self, start: Position) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position]]:
+        """Batches from `start` on, for ever (epochs roll over)."""
+        pixels, tokens, taken = [], [], 0
+        for position, shard_pixels, shard_tokens in self._shards(start):
+            offset = position.taken
+            while offset < len(shard_pixels):
+                take = min(self.batch_size - taken, len(shard_pixels) - offset)
+                pixels.append(shard_pixels[offset:offset + take])
+                tokens.append(shard_tokens[offset:offset + take])
+                offset, taken = offset + take, taken + take
+                if taken == self.batch_size:
+                    ended = offset == len(shard_pixels)  # the next batch starts the next shard
+                    after = Position(position.epoch, position.shards, 0 if ended else offset)
+                    yield torch.cat(pixels), torch.cat(tokens), after
+                    pixels, tokens, taken = [], [], 0
+
+    def _shards(self, start: Position) -> Iterator[tuple[Position, torch.Tensor, torch.Tensor]]:
+        """(its position with the pairs to drop, pixels, tokens) of each shard of the stream from `start`, its
+        pairs in their drawn order."""
+        epoch, begun, drop = start.epoch, start.shards, start.taken
+        if drop:  # the shard the last batch ended in is read again
+            begun -= 1
+        empty_epochs = 0
+        while True:
+            shards = epoch_shards(self.units, self.seed, epoch, self.rank, self.world_size)[begun:]
+            usable = 0
+            for i, (unit, pixels, tokens) in enumerate(self.read(shards)):
+                usable += len(pixels)
+                order = torch.randperm(len(pixels), generator=_generator(self.seed, epoch, unit.index))
+                yield Position(epoch, begun + i + 1, drop), pixels[order], tokens[order]
+                drop = 0
+            empty_epochs = 0 if usable else empty_epochs + 1
+            if empty_epochs and not begun:
+                self._nothing_usable()
+            epoch, begun = epoch + 1, 0
+
+    def read(self, shards: list[Unit]) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor]]:
+        """The usable pairs of each shard, in the shards' order (read by the decoding workers in any order)."""
+        if not shards:
+            return
+        dataset = UnitDataset(shards, self.pixels, CHUNK, image_keys=self.reading.image_keys,
+                              caption_key=self.reading.caption_key, tokenizer=self.tokenizer,
+                              limits=self.reading.limits, remote=self.reading.remote)
+        workers = min(self.workers, len(shards))
+        self.decoded = DecodedBatches(dataset, workers, self.device_type,
+                                      shm_prefetch(workers, CHUNK * self.pixels.sample_bytes()),
+                                      quiet_s=self.reading.remote.quiet_s(), settle_threads=False)
+        held: dict[int, list] = {}
+        following = 0
+        for batch in self.decoded:
+            if batch.restart:
+                held.pop(batch.unit, None)
+                continue
+            held.setdefault(batch.unit, []).append(batch)
+            while following < len(shards) and held.get(shards[following].index) and \
+                    held[shards[following].index][-1].end:
+                chunks = held.pop(shards[following].index)
+                for chunk in chunks:
+                    for skip in chunk.skipped:
+                        self.skipped[str(skip.reason)] = self.skipped.get(str(skip.reason), 0) + 1
+                kept = [c for c in chunks if c.pixels is not None]
+                pixels = torch.cat([c.pixels for c in kept]) if kept else torch.empty(0, dtype=torch.uint8)
+                tokens = torch.cat([c.tokens for c in kept]) if kept else torch.empty(0, dtype=torch.long)
+                yield shards[following], pixels, tokens
+                following += 1
+
+    def _nothing_usable(self) -> None:
+        if self.skipped.get(str(Reason.NO_CAPTION)) and len(self.skipped) == 1:
+            raise UsageError(f"no sample of {param('train_data')} has a caption under "
+                             f"{param('caption_key', self.reading.caption_key)}: train needs image-caption pairs")
+        reasons = ', '.join(f'{n} {r}' for r, n in sorted(self.skipped.items()))
+        raise UsageError(f"no usable image-caption pair in {param('train_data')} ({reasons or 'no sample'})")
