@@ -56,7 +56,7 @@ def keep_exact_logit_scale(model: torch.nn.Module, choice: ModelChoice) -> None:
     exact = convert_state_dict(read_state_dict(path)).get('logit_scale') if path else None
     value = (exact if exact is not None and exact.numel() == scale.numel() else scale.detach())
     model.logit_scale = torch.nn.Parameter(value.reshape(scale.shape).to(scale.device, torch.float32),
-                                           requires_grad=False)
+                                           requires_grad=scale.requires_grad)
 
 
 def _fitting_model(path: str) -> str:

@@ -167,6 +167,16 @@ def test_the_released_layout_round_trip(tiny, data, tmp_path):
     assert not torch.equal(tuned['visual.blocks.0.attn.qkv.weight'], original['visual.blocks.0.attn.qkv.weight'])
     result = main_here('classify', '--model', TINY, '--pretrained', released, '--json')
     assert result.returncode == 0, result.stderr[-2000:]
+    from eva_open_clip import eva_clip
+    repository_model, _, _ = eva_clip.create_model_and_transforms(name, str(released), force_custom_clip=True)
+    assert torch.equal(_features(repository_model.eval(), tiny), _features(model, tiny))
+    folder = tmp_path / 'swatches'
+    folder.mkdir()
+    for i, rgb in enumerate(COLORS.values()):
+        (folder / f'{i}.png').write_bytes(_png(rgb, 7))
+    assert main_here('embed', folder, '--out', tmp_path / 'e.npy', '--model', TINY, '--pretrained',
+                     released).returncode == 0
+    assert np.allclose(np.load(tmp_path / 'e.npy'), _features(model, tiny)[:len(COLORS)].numpy(), atol=1e-6)
 
 
 needs_peft = pytest.mark.skipif(__import__('importlib').util.find_spec('peft') is None,
