@@ -376,6 +376,9 @@ def train(bench: Bench) -> None:
         shards = make_shards(folder, steps * batch, per_shard=max(batch, steps * batch // 4))
         checkpoint = _checkpoint(bench, name)
         for lora in ((), ('--lora', '8')):
+            if lora and importlib.util.find_spec('peft') is None:
+                emit('train', model=name, lora=True, skipped="peft is not installed (pip install '.[lora]')")
+                continue
             out = bench.workdir / f'train-{name}-{len(lora)}'
             register = ['run', '--register', f'tiny={bench.config}', '-m', 'eva_open_clip'] if bench.dry_run else []
             cmd = [sys.executable, '-m', 'eva_open_clip', *register, 'train', '--train-data', shards, '--out', str(out),

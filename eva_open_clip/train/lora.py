@@ -21,6 +21,11 @@ def require_peft() -> None:
     from importlib.metadata import version
 
     from packaging.version import Version
+    try:
+        import peft  # noqa: F401  (peft imports transformers, which may refuse this torch)
+    except Exception as e:
+        raise UsageError(f"{param('lora')} needs peft, which cannot be imported here ({type(e).__name__}: "
+                         f"{str(e)[:160]})") from None
     if Version(version('peft')) < Version(PEFT):
         raise UsageError(f"{param('lora')} needs peft >= {PEFT} (installed: {version('peft')}): "
                          "pip install 'eva_open_clip[lora]'")

@@ -2,6 +2,7 @@
 measurement as it is made and one as each section ends, so that the GPU session's one call does not rot."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -58,9 +59,11 @@ def test_gpu_benchmark_dry_run_prints_every_measurement(tmp_path):
     assert [r['size'] for r in runs['decode']] == ['256x256', '500x375', '1600x1200']
     large = runs['large']
     assert large and all(r['images_per_s'] > 0 and r['load_seconds'] > 0 for r in large)
-    assert [(r['model'], r['lora'], r['params']['trainable'] < r['params']['total']) for r in runs['train']] == \
-        [('tiny', False, False), ('tiny', True, True)]
-    assert all(r['samples_per_s'] > 0 for r in runs['train'])
+    trained = [r for r in runs['train'] if 'skipped' not in r]
+    lora = importlib.util.find_spec('peft') is not None  # the lora extra (not in the oldest set)
+    assert [(r['model'], r['lora'], r['params']['trainable'] < r['params']['total']) for r in trained] == \
+        [('tiny', False, False)] + ([('tiny', True, True)] if lora else [])
+    assert all(r['samples_per_s'] > 0 for r in trained) and len(runs['train']) == 2
     assert list(tmp_path.iterdir()) == [tmp_path / 'tiny.json']  # generated checkpoints and shards are removed
 
 
