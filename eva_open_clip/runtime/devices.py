@@ -2,6 +2,7 @@
 run uses on each where its user did not say (`defaults_for`)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -100,3 +101,11 @@ def device_defaults(device: str | None) -> Defaults:
         device = torch.device('cuda', torch.cuda.current_device())
     return defaults_for(device.type, device.type != 'cuda' or has_fast_bf16(device))
 
+
+_AUTOCAST = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}
+
+
+def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:
+    """torch's autocast for open_clip's `amp` precisions (fp16 or bf16 compute over fp32 weights), else nothing."""
+    amp = _AUTOCAST.get(precision)
+    return torch.autocast(device_type, dtype=amp) if amp else contextlib.nullcontext()

@@ -28,9 +28,8 @@ from PIL import Image
 
 from eva_open_clip.errors import ToolError, param
 from eva_open_clip.runtime.choice import ModelChoice
+from eva_open_clip.runtime.devices import autocast
 from eva_open_clip.runtime.pixels import Pixels
-
-_AUTOCAST = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}
 
 
 class PinnedRing:
@@ -121,9 +120,7 @@ class Encoder:
             stack.enter_context(torch.cuda.device(self.device))
         if self._tf32:
             stack.enter_context(tf32_matmuls())
-        amp = _AUTOCAST.get(self.precision)
-        if amp:
-            stack.enter_context(torch.autocast(self.device.type, dtype=amp))
+        stack.enter_context(autocast(self.device.type, self.precision))
         return stack
 
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:

@@ -61,8 +61,7 @@ class Pairs:
         self.units, self.pixels, self.tokenizer, self.reading = list(units), pixels, tokenizer, reading
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
         self.rank, self.world_size, self.device_type = rank, world_size, device_type
-        self.skipped: dict[str, int] = {}
-        self.decoded = None  # the DecodedBatches of the shards being read (its waits)
+        self.skipped: dict[str, int] = {}  # samples skipped so far, by reason
 
     def batches(self, start: Position) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position]]:
         """Batches from `start` on, for ever (epochs roll over)."""
@@ -90,7 +89,8 @@ class Pairs:
         while True:
             shards = epoch_shards(self.units, self.seed, epoch, self.rank, self.world_size)[begun:]
             usable = 0
-            for i, (unit, pixels, tokens) in enumerate(self.read(shards)):
+            for i, (unit, pixels, tokens) in enumerate(decoded_shards(
+                    shards, self.pixels, self.tokenizer, self.reading, self.workers, self.device_type, self.skipped)):
                 usable += len(pixels)
                 order = torch.randperm(len(pixels), generator=_generator(self.seed, epoch, unit.index))
                 yield Position(epoch, begun + i + 1, drop), pixels[order], tokens[order]
@@ -100,39 +100,39 @@ class Pairs:
                 self._nothing_usable()
             epoch, begun = epoch + 1, 0
 
-    def read(self, shards: list[Unit]) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor]]:
-        """The usable pairs of each shard, in the shards' order (read by the decoding workers in any order)."""
-        if not shards:
-            return
-        dataset = UnitDataset(shards, self.pixels, CHUNK, image_keys=self.reading.image_keys,
-                              caption_key=self.reading.caption_key, tokenizer=self.tokenizer,
-                              limits=self.reading.limits, remote=self.reading.remote)
-        workers = min(self.workers, len(shards))
-        self.decoded = DecodedBatches(dataset, workers, self.device_type,
-                                      shm_prefetch(workers, CHUNK * self.pixels.sample_bytes()),
-                                      quiet_s=self.reading.remote.quiet_s(), settle_threads=False)
-        held: dict[int, list] = {}
-        following = 0
-        for batch in self.decoded:
-            if batch.restart:
-                held.pop(batch.unit, None)
-                continue
-            held.setdefault(batch.unit, []).append(batch)
-            while following < len(shards) and held.get(shards[following].index) and \
-                    held[shards[following].index][-1].end:
-                chunks = held.pop(shards[following].index)
-                for chunk in chunks:
-                    for skip in chunk.skipped:
-                        self.skipped[str(skip.reason)] = self.skipped.get(str(skip.reason), 0) + 1
-                kept = [c for c in chunks if c.pixels is not None]
-                pixels = torch.cat([c.pixels for c in kept]) if kept else torch.empty(0, dtype=torch.uint8)
-                tokens = torch.cat([c.tokens for c in kept]) if kept else torch.empty(0, dtype=torch.long)
-                yield shards[following], pixels, tokens
-                following += 1
-
     def _nothing_usable(self) -> None:
         if self.skipped.get(str(Reason.NO_CAPTION)) and len(self.skipped) == 1:
             raise UsageError(f"no sample of {param('train_data')} has a caption under "
                              f"{param('caption_key', self.reading.caption_key)}: train needs image-caption pairs")
         reasons = ', '.join(f'{n} {r}' for r, n in sorted(self.skipped.items()))
         raise UsageError(f"no usable image-caption pair in {param('train_data')} ({reasons or 'no sample'})")
+
+
+def decoded_shards(shards: list[Unit], pixels: Pixels, tokenizer, reading: Reading, workers: int, device_type: str,
+                   skipped: dict[str, int]) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor]]:
+    """The usable pairs (uint8 pixels, tokens) of each shard, in the shards' order (read by the decoding workers in
+    any order), counting the samples skipped by reason into `skipped`."""
+    if not shards:
+        return
+    dataset = UnitDataset(shards, pixels, CHUNK, image_keys=reading.image_keys, caption_key=reading.caption_key,
+                          tokenizer=tokenizer, limits=reading.limits, remote=reading.remote)
+    workers = min(workers, len(shards))
+    decoded = DecodedBatches(dataset, workers, device_type, shm_prefetch(workers, CHUNK * pixels.sample_bytes()),
+                             quiet_s=reading.remote.quiet_s(), settle_threads=False)
+    held: dict[int, list] = {}
+    following = 0
+    for batch in decoded:
+        if batch.restart:
+            held.pop(batch.unit, None)
+            continue
+        held.setdefault(batch.unit, []).append(batch)
+        while following < len(shards) and held.get(shards[following].index) and held[shards[following].index][-1].end:
+            chunks = held.pop(shards[following].index)
+            for skip in (s for chunk in chunks for s in chunk.skipped):
+                skipped[str(skip.reason)] = skipped.get(str(skip.reason), 0) + 1
+            kept = [c for c in chunks if c.pixels is not None]
+            if kept:
+                yield shards[following], torch.cat([c.pixels for c in kept]), torch.cat([c.tokens for c in kept])
+            else:
+                yield shards[following], torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+            following += 1

@@ -18,9 +18,8 @@ class Evaluation:
     """The held-out pairs, decoded once; `run` evaluates a model on them."""
 
     def __init__(self, units: Sequence[Unit], pixels: Pixels, tokenizer, reading: Reading, workers: int):
-        from eva_open_clip.train.data import Pairs
-        pairs = Pairs(units, pixels, tokenizer, reading, BATCH, workers, seed=0)
-        shards = [(p, t) for _, p, t in pairs.read(list(units))]
+        from eva_open_clip.train.data import decoded_shards
+        shards = [(p, t) for _, p, t in decoded_shards(list(units), pixels, tokenizer, reading, workers, 'cpu', {})]
         self.pixels = torch.cat([p for p, _ in shards])
         self.tokens = torch.cat([t for _, t in shards])
         self.image_helper = pixels

@@ -181,9 +181,6 @@ class _Job:
         return torch.optim.AdamW(groups, lr=self.options.lr, betas=BETAS, eps=EPS, weight_decay=self.options.wd)
 
 
-_AUTOCAST = {'amp': torch.float16, 'amp_bf16': torch.bfloat16, 'amp_bfloat16': torch.bfloat16}
-
-
 class _Loop:
     """The steps of a run, from a checkpoint's step and data position to `--steps`."""
 
@@ -205,9 +202,8 @@ class _Loop:
             self.forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[job.device] if cuda else None)
 
     def _autocast(self):
-        import contextlib
-        amp = _AUTOCAST.get(self.job.precision)
-        return torch.autocast(self.job.device.type, dtype=amp) if amp else contextlib.nullcontext()
+        from eva_open_clip.runtime.devices import autocast
+        return autocast(self.job.device.type, self.job.precision)
 
     def _reading(self):
         from eva_open_clip.embed.job import Reading
