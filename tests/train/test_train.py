@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import eva_open_clip
 from support.checkpoints import register_reference
 from support.cli import TORCHRUN, error_line, main_here, run_cli
 from support.embed import TINY, add_member
@@ -235,8 +236,11 @@ def test_shards_without_captions_are_one_line(tiny, data, tmp_path):
 
 
 def test_a_model_without_a_file_is_one_line(tiny, data, tmp_path):
-    result = main_here('train', '--train-data', data['train'], '--out', tmp_path / 'x', '--register',
-                       f'nofile={tiny[0] / "tiny.json"}', '--model', 'nofile', '--steps', '2')
+    try:
+        result = main_here('train', '--train-data', data['train'], '--out', tmp_path / 'x', '--register',
+                           f'nofile={tiny[0] / "tiny.json"}', '--model', 'nofile', '--steps', '2')
+    finally:
+        eva_open_clip.unregister_eva_model('nofile')  # registered by --register in this process
     assert error_line(result, 2) == ('eva-open-clip train: --model nofile has no pretrained tag: pass --pretrained '
                                      '/path/to/checkpoint')
 
