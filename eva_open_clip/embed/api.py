@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from eva_open_clip.embed.options import EmbedOptions, call_signature
+from eva_open_clip.embed.options import EmbedOptions
 from eva_open_clip.errors import ToolError, param
 from eva_open_clip.runtime.choice import ModelChoice
+from eva_open_clip.runtime.fields import call_signature
 from eva_open_clip.runtime.progress import plural
 from eva_open_clip.runtime.ranks import Ranks
 from eva_open_clip.runtime.signals import Interrupted, stop_on_signals
@@ -48,7 +49,7 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike = (), **option
     return run_embed(EmbedOptions.from_call(inputs, options))
 
 
-embed.__signature__ = call_signature(embed)
+embed.__signature__ = call_signature(embed, EmbedOptions, 'inputs', ('out',))
 
 
 def run_embed(options: EmbedOptions) -> EmbedResult | None:

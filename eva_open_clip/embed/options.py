@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -154,16 +153,6 @@ class EmbedOptions:
         # under torchrun each rank's device is checked once known
         return ModelChoice.checked(**{name: getattr(self, name) for name in MODEL_OPTIONS},
                                    device_known_later=ranks.world_size > 1)
-
-
-def call_signature(function) -> inspect.Signature:
-    """`embed`'s signature as its options make it: `inputs`, then every option by keyword."""
-    parameters = [inspect.Parameter('inputs', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=())]
-    parameters += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                     default=inspect.Parameter.empty if f.name == 'out' else f.default,
-                                     annotation=f.type)
-                   for f in dataclasses.fields(EmbedOptions) if f.name != 'inputs']
-    return inspect.signature(function).replace(parameters=parameters)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Iterable, Mapping
+import inspect
+from typing import Any, Callable, Iterable, Mapping
 
 from eva_open_clip.errors import UsageError, did_you_mean
 
@@ -44,3 +45,14 @@ def add_flags(parser: argparse.ArgumentParser, options: type, leave_out: Iterabl
         default = [] if cli.get('action') == 'append' else f.default
         where.add_argument('--' + (meta['flag'] or f.name).replace('_', '-'), dest=f.name, default=default,
                            help=meta['help'], **cli)
+
+
+def call_signature(function: Callable, options: type, positional: str, required: Iterable[str]) -> inspect.Signature:
+    """A tool's Python signature as its options make it: `positional`, then every other option by keyword (those in
+    `required` without a default)."""
+    required = set(required)
+    parameters = [inspect.Parameter(positional, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=())]
+    parameters += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
+                                     default=inspect.Parameter.empty if f.name in required else f.default)
+                   for f in dataclasses.fields(options) if f.name != positional]
+    return inspect.signature(function).replace(parameters=parameters)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -158,12 +157,3 @@ class TrainOptions:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`train`'s own flags, each from its option (the model options are the shared ones, added by the caller)."""
     add_flags(parser, TrainOptions, leave_out=MODEL_OPTIONS)
-
-
-def call_signature(function) -> inspect.Signature:
-    """`train`'s signature as its options make it: `train_data`, then every option by keyword."""
-    parameters = [inspect.Parameter('train_data', inspect.Parameter.POSITIONAL_OR_KEYWORD, default=())]
-    parameters += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
-                                     default=inspect.Parameter.empty if f.name in ('out', 'steps') else f.default)
-                   for f in dataclasses.fields(TrainOptions) if f.name != 'train_data']
-    return inspect.signature(function).replace(parameters=parameters)

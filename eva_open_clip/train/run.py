@@ -21,10 +21,11 @@ import torch
 
 from eva_open_clip.errors import ToolError, UsageError, param
 from eva_open_clip.runtime.choice import ModelChoice
+from eva_open_clip.runtime.fields import call_signature
 from eva_open_clip.runtime.progress import plural
 from eva_open_clip.runtime.ranks import Ranks
 from eva_open_clip.runtime.signals import Interrupted, stop_on_signals
-from eva_open_clip.train.options import TrainOptions, call_signature
+from eva_open_clip.train.options import TrainOptions
 
 BETAS, EPS = (0.9, 0.98), 1e-6  # EVA-CLIP's
 
@@ -47,7 +48,7 @@ def train(train_data: Sequence[str | os.PathLike] | str | os.PathLike = (), **op
     return run_train(TrainOptions.from_call(train_data, options))
 
 
-train.__signature__ = call_signature(train)
+train.__signature__ = call_signature(train, TrainOptions, 'train_data', ('out', 'steps'))
 
 
 def run_train(options: TrainOptions) -> TrainResult | None:
