@@ -2,8 +2,9 @@
 open_clip's trainer).
 
 open_clip has no plugin interface for a model family that needs its own checkpoint layout, so this
-module uses four of its internals (1-4), lets torch's DDP take what open_clip_train passes on the CPU (5), and
-adds stand-ins for two methods older releases lack (6); nothing else in the package patches another library:
+module uses four of its internals (1-4), lets torch's DDP take what open_clip_train passes on the CPU (5), adds
+stand-ins for two methods older releases lack (6) and answers one hook of open_clip's next trainer (7); nothing
+else in the package patches another library:
 
 1. `open_clip.factory._MODEL_CONFIGS`: the model-config registry behind `list_models()`,
    `create_model()` and `get_tokenizer()`. `add_model_config()` inserts our translated configs
@@ -16,7 +17,7 @@ adds stand-ins for two methods older releases lack (6); nothing else in the pack
    model, the model is built empty (`empty_build`: no memory, no random initialization) and open_clip
    is told to place it on the meta device; open_clip casts it there to the requested precision, and
    the checkpoint's tensors are then created straight on the requested device in their final dtype.
-   Every supported open_clip (2.24 to 3.x) applies device and precision before loading a checkpoint.
+   Every supported open_clip (2.24 to 4.x) applies device and precision before loading a checkpoint.
    The wrapper also takes this package's keyword `quantize='int8'` (see `quantize`), which reaches it
    through `create_model_and_transforms` and `create_model_from_pretrained` as a model keyword.
 5. `torch.nn.parallel.DistributedDataParallel`, for `eva-open-clip run` only (`accept_cpu_device_ids_in_ddp`):
@@ -24,6 +25,9 @@ adds stand-ins for two methods older releases lack (6); nothing else in the pack
 6. Methods that older open_clip releases lack, called on EVA models, get a stand-in that names the
    release they need: `CustomTextCLIP.forward_intermediates` (open_clip < 2.32) and
    `TextTransformer.lock`, which `lock_text_tower` calls (open_clip < 3.1).
+7. `fsdp_shard_modules()`, the method open_clip's next trainer (main branch, 4.x: `TrainingTask.prepare_fsdp`)
+   looks for on a model to choose what `fully_shard` wraps: each EVA model `create_model` returns gets one naming
+   its image and text blocks (`sharding`); open_clip's own default would shard none of an EVA image tower's blocks.
 
 Which open_clip releases have which features is known in `versions.py`; the wrappers pass open_clip
 only the arguments its installed release knows.
@@ -46,7 +50,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.models.eva import Eva
 from torch.nn.modules.module import _IncompatibleKeys
 
-from . import checkpoint, empty_build, quantize, versions
+from . import checkpoint, empty_build, quantize, sharding, versions
 from .errors import UsageError, did_you_mean, param
 from .tower import is_eva_tower_name
 
@@ -136,14 +140,15 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
             model = original(*args, **kwargs)
             if int8:
                 quantize.quantize_model(model)
-            return model
-        check_pretrained(name, str(arguments['pretrained']))
-        device = arguments.get('device', 'cpu')
-        arguments['device'] = 'meta'  # open_clip places and casts the empty model; loading fills it on `device`
-        with empty_build.empty_build(device, int8):
-            model = original(*bound.args, **bound.kwargs)
-        if int8:
-            quantize.mark(model)
+        else:
+            check_pretrained(name, str(arguments['pretrained']))
+            device = arguments.get('device', 'cpu')
+            arguments['device'] = 'meta'  # open_clip places and casts the empty model; loading fills it on `device`
+            with empty_build.empty_build(device, int8):
+                model = original(*bound.args, **bound.kwargs)
+            if int8:
+                quantize.mark(model)
+        sharding.answer_fsdp_shard_modules(model)
         return model
     return create_model
 

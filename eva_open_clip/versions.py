@@ -1,8 +1,8 @@
 """What the installed open_clip and timm can do: the one place that knows their versions.
 
-eva_open_clip supports open_clip_torch 2.24 to 3.x and timm 1.0.13 to 1.x (timm before 1.0.13 computes
-`RmsNorm` from the variance instead of the mean of squares, and its `Eva` gradient checkpointing
-passes keyword arguments that torch's reentrant checkpoint refuses). A feature that an older
+eva_open_clip supports open_clip_torch 2.24 to 4.x (4.x: its main branch, 4.2.0.dev0, tested) and timm 1.0.13
+to 1.x (timm before 1.0.13 computes `RmsNorm` from the variance instead of the mean of squares, and its `Eva`
+gradient checkpointing passes keyword arguments that torch's reentrant checkpoint refuses). A feature that an older
 release lacks raises `UnsupportedVersion`, naming the release that has it, instead of failing deep
 inside open_clip or timm. What each release lacks (see also the README):
 
@@ -15,6 +15,7 @@ inside open_clip or timm. What each release lacks (see also the README):
 | SwiGLU without sub-LN (`naiveswiglu` alone, custom configs) | | 1.0.20 (`swiglu_align_to`) |
 | open_clip's trainer as `open_clip_train.main` (before: `training.main`) | 2.26 | |
 
+`eva-open-clip train --fsdp` needs torch >= 2.6 (`torch.distributed.fsdp.fully_shard`, FSDP2).
 `eva-open-clip export-onnx` needs torch >= 2.6 (its ONNX exporter from `torch.export`, with dynamic
 shapes and external data) and the `onnx` extra.
 """
@@ -42,6 +43,7 @@ OPEN_CLIP = Version(OPEN_CLIP_VERSION)
 TIMM = Version(TIMM_VERSION)
 TORCH = Version(TORCH_VERSION)
 ONNX_EXPORT_TORCH = (2, 6)
+FSDP_TORCH = (2, 6)  # fully_shard public in torch.distributed.fsdp
 
 
 def at_least(installed: Version, version: tuple[int, ...]) -> bool:
