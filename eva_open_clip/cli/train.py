@@ -11,9 +11,11 @@ DESCRIPTION = ('Fine-tune a registered model (--model, --pretrained file or tag)
                'for --steps optimizer steps, with EVA-CLIP\'s recipe: a learning rate and a layer-wise decay per '
                'tower, weight decay but on 1-D tensors, biases and position embeddings, warm-up then cosine; or '
                'LoRA adapters (--lora R). The run folder --out RUN holds log.jsonl and checkpoint.pt; the same '
-               'command resumes a run that stopped, to the weights of an uninterrupted one. Under torchrun each '
-               'process takes its share of the shards (DDP). --save-released FILE writes the weights in the '
-               "released file's layout at the end.")
+               'command resumes a run that stopped, to the weights of an uninterrupted one, on as many processes or '
+               'on another number. Under torchrun each process takes its share of the shards (DDP, or --fsdp to '
+               'shard the model block by block). --save-released FILE writes the weights in the released file\'s '
+               'layout at the end. --plan prints the memory each process needs and whether it fits, before any '
+               'download; a run that would not fit is refused, naming what would make it fit.')
 PRECISION_HELP = ('bf16 autocast on a GPU with bf16 tensor cores (amp_bf16, fp32 weights), fp16 autocast (amp) on '
                   'older GPUs, fp32 on the CPU (the defaults); pure_bf16 keeps the weights in bf16')
 
@@ -26,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from eva_open_clip.errors import COMMAND_LINE, spelled
     from eva_open_clip.train.options import TrainOptions
+    from eva_open_clip.train.plan import Plan
     from eva_open_clip.train.run import run_train
-    run_train(TrainOptions.from_args(args))
+    result = run_train(TrainOptions.from_args(args))
+    if isinstance(result, Plan):
+        print('\n'.join(spelled(line, COMMAND_LINE) for line in result.lines()))
     return 0

@@ -21,6 +21,11 @@ class Ranks:
     local_rank: int = 0
     local_world_size: int = 1
 
+    @staticmethod
+    def launched(environ: Mapping[str, str] = os.environ) -> bool:
+        """Whether this process was started by torchrun (or with its environment), even as its only process."""
+        return all(name in environ for name in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> 'Ranks':
         return cls(int(environ.get('RANK', 0)), int(environ.get('WORLD_SIZE', 1)), int(environ.get('LOCAL_RANK', 0)),
@@ -45,12 +50,13 @@ class Ranks:
         return values
 
     @contextlib.contextmanager
-    def process_group(self, device: str | None) -> Iterator[str | None]:
+    def process_group(self, device: str | None, alone_too: bool = False) -> Iterator[str | None]:
         """This rank's device (see `devices.rank_device`), inside torch.distributed's process group of the job
-        (NCCL on GPUs, else gloo), destroyed on the way out; alone, `device` as it is and no group. On GPUs the
+        (NCCL on GPUs, else gloo), destroyed on the way out; alone, `device` as it is and no group, unless
+        `alone_too` (a torchrun launch of one process whose tool needs a group, as FSDP does). On GPUs the
         job's Python objects go through a gloo group of their own (`share`), so that ranks waiting for rank 0 wait
         on the CPU, not inside an NCCL call holding their GPU."""
-        if self.world_size == 1:
+        if self.world_size == 1 and not alone_too:
             yield device
             return
         import torch

@@ -1,7 +1,8 @@
 """The training pairs of `train`, in an order that the seed alone fixes (not the number of workers or ranks'
 timing), so that a run resumed from a checkpoint sees exactly the samples an uninterrupted one would.
 
-Each epoch takes the shards in an order drawn from (seed, epoch); rank r of W takes every W-th of them. A shard is
+A run has as many data streams as it had processes when it started. Each epoch takes the shards in an order drawn
+from (seed, epoch); stream s of S takes every S-th of them. A shard is
 read whole by one decoding worker, as `embed` reads it (the same readers, remote shards, skip rules), and its
 usable pairs are put in an order drawn from (seed, epoch, shard); the rank's stream is those shards' pairs one
 after another, epoch after epoch, cut into batches. Where a rank stands in its stream (`Position`: the epoch, how
@@ -38,6 +39,28 @@ class Position:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Share:
+    """The streams a process reads (`streams`) and, of each step's batch of them, the part `part` of `parts`."""
+
+    streams: tuple[int, ...]
+    part: int = 0
+    parts: int = 1
+
+    @classmethod
+    def of(cls, rank: int, world_size: int, streams: int, batch_size: int) -> 'Share':
+        """Process `rank` of `world_size`'s share of a run of `streams` streams of `batch_size` pairs a step."""
+        if streams % world_size == 0:
+            each = streams // world_size
+            return cls(tuple(range(rank * each, (rank + 1) * each)))
+        if world_size % streams == 0 and batch_size % (world_size // streams) == 0:
+            parts = world_size // streams
+            return cls((rank // parts,), rank % parts, parts)
+        raise UsageError(f'the run was started on {streams} process(es) with {param("batch_size")} {batch_size}: '
+                         f'resume it on a number of processes that divides {streams}, or a multiple of it that '
+                         'divides the batch size')
+
+
 def _generator(*seeds: int) -> torch.Generator:
     value = 0
     for s in seeds:
@@ -45,22 +68,22 @@ def _generator(*seeds: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def epoch_shards(units: Sequence[Unit], seed: int, epoch: int, rank: int, world_size: int) -> list[Unit]:
-    """Rank `rank`'s shards of `epoch`, in the epoch's order."""
+def epoch_shards(units: Sequence[Unit], seed: int, epoch: int, stream: int, streams: int) -> list[Unit]:
+    """Stream `stream`'s shards of `epoch`, in the epoch's order."""
     order = torch.randperm(len(units), generator=_generator(seed, epoch)).tolist()
-    return [units[i] for i in order][rank::world_size]
+    return [units[i] for i in order][stream::streams]
 
 
 class Pairs:
-    """Batches of (uint8 pixels, tokens) of one rank's stream from a position on, and the position after each."""
+    """Batches of (uint8 pixels, tokens) of one stream from a position on, and the position after each."""
 
     def __init__(self, units: Sequence[Unit], pixels: Pixels, tokenizer, reading: Reading, batch_size: int,
-                 workers: int, seed: int, rank: int = 0, world_size: int = 1, device_type: str = 'cpu'):
-        if len(units) < world_size:
-            raise UsageError(f'{len(units)} shard(s) for {world_size} processes: give each process a shard at least')
+                 workers: int, seed: int, stream: int = 0, streams: int = 1, device_type: str = 'cpu'):
+        if len(units) < streams:
+            raise UsageError(f'{len(units)} shard(s) for {streams} processes: give each process a shard at least')
         self.units, self.pixels, self.tokenizer, self.reading = list(units), pixels, tokenizer, reading
         self.batch_size, self.workers, self.seed = batch_size, workers, seed
-        self.rank, self.world_size, self.device_type = rank, world_size, device_type
+        self.stream, self.streams, self.device_type = stream, streams, device_type
         self.skipped: dict[str, int] = {}  # samples skipped so far, by reason
 
     def batches(self, start: Position) -> Iterator[tuple[torch.Tensor, torch.Tensor, Position]]:
@@ -87,7 +110,7 @@ class Pairs:
             begun -= 1
         empty_epochs = 0
         while True:
-            shards = epoch_shards(self.units, self.seed, epoch, self.rank, self.world_size)[begun:]
+            shards = epoch_shards(self.units, self.seed, epoch, self.stream, self.streams)[begun:]
             usable = 0
             for i, (unit, pixels, tokens) in enumerate(decoded_shards(
                     shards, self.pixels, self.tokenizer, self.reading, self.workers, self.device_type, self.skipped)):
@@ -106,6 +129,23 @@ class Pairs:
                              f"{param('caption_key', self.reading.caption_key)}: train needs image-caption pairs")
         reasons = ', '.join(f'{n} {r}' for r, n in sorted(self.skipped.items()))
         raise UsageError(f"no usable image-caption pair in {param('train_data')} ({reasons or 'no sample'})")
+
+
+def shared_batches(streams: Sequence['Pairs'], starts: Sequence[Position], share: Share) \
+        -> Iterator[tuple[torch.Tensor, torch.Tensor, list[Position]]]:
+    """This process's part of each step: its streams' batches one after another (cut to its part), and each
+    stream's position after it."""
+    iterators = [pairs.batches(start) for pairs, start in zip(streams, starts)]
+    try:
+        for items in zip(*iterators):
+            pixels, tokens = torch.cat([i[0] for i in items]), torch.cat([i[1] for i in items])
+            if share.parts > 1:
+                size = len(pixels) // share.parts
+                pixels, tokens = (t[share.part * size:(share.part + 1) * size] for t in (pixels, tokens))
+            yield pixels, tokens, [i[2] for i in items]
+    finally:
+        for iterator in iterators:
+            iterator.close()
 
 
 def decoded_shards(shards: list[Unit], pixels: Pixels, tokenizer, reading: Reading, workers: int, device_type: str,

@@ -38,7 +38,8 @@ class Evaluation:
         finally:
             model.train(was_training)
         image, text = F.normalize(torch.cat(images), dim=-1), F.normalize(torch.cat(texts), dim=-1)
-        logits = model.logit_scale.detach().float().exp() * image @ text.T
+        from eva_open_clip.train.fsdp import full_value
+        logits = full_value(model.logit_scale.detach()).float().exp() * image @ text.T
         truth = torch.arange(len(image), device=logits.device)
         loss = (F.cross_entropy(logits, truth) + F.cross_entropy(logits.T, truth)) / 2
         return dict(pairs=len(image), image_to_text_r1=(logits.argmax(1) == truth).float().mean().item(),

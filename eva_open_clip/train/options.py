@@ -18,8 +18,8 @@ OPTIMIZERS = ('adamw', 'lamb')
 TRAIN_PRECISIONS = ('fp32', 'amp', 'amp_bf16', 'amp_bfloat16', 'bf16', 'pure_bf16', 'fp16', 'pure_fp16')
 MODEL_OPTIONS = ('model', 'pretrained', 'device', 'precision')
 # what may change between a run and its resumption: how it is watched and saved, not what it computes
-NOT_RECORDED = ('out', 'steps', 'save_every', 'val_every', 'workers', 'progress_interval', 'quiet', 'save_released',
-                'device')
+NOT_RECORDED = ('out', 'steps', 'save_every', 'val_data', 'val_every', 'workers', 'progress_interval', 'quiet',
+                'save_released', 'device', 'plan', 'processes', 'memory')
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -28,6 +28,7 @@ def _words(text: str) -> tuple[str, ...]:
 
 RECIPE = 'the recipe (EVA-CLIP\'s: a rate and a layer decay per tower; docs/train.md gives each model\'s values)'
 LORA = 'LoRA (peft): adapters on the attention and MLP matrices of both towers; only they train'
+PLAN = 'memory plan'
 
 
 @dataclass
@@ -35,11 +36,11 @@ class TrainOptions:
     """The arguments of `train` (see `eva_open_clip.train.train`); `check` refuses what cannot work."""
 
     train_data: tuple[str, ...] = option((), 'image-caption webdataset shards: paths, globs, brace patterns, '
-                                             'https:// or pipe: URLs', nargs='+', required=True)
-    out: str | None = option(None, 'the run folder (log.jsonl, checkpoints; the same command resumes it)',
-                              required=True)
-    steps: int = option(None, 'optimizer steps (epochs roll over)', type=int, required=True)
-    batch_size: int = option(32, 'pairs per step and process (default: %(default)s)', type=int)
+                                             'https:// or pipe: URLs', nargs='+')
+    out: str | None = option(None, 'the run folder (log.jsonl, checkpoints; the same command resumes it)')
+    steps: int = option(None, 'optimizer steps (epochs roll over)', type=int)
+    batch_size: int = option(32, 'pairs per step and process (of the processes the run started on; default: '
+                                  '%(default)s)', type=int)
     lr: float = option(5e-5, 'base learning rate: the towers\' unless given, and logit_scale\'s '
                               '(default: %(default)s)', type=float, group=RECIPE)
     visual_lr: float | None = option(None, "the image tower's rate (default: --lr)", type=float, group=RECIPE)
@@ -56,6 +57,8 @@ class TrainOptions:
     grad_clip_norm: float | None = option(None, 'clip the gradients to this norm (default: no clipping)',
                                            type=float, group=RECIPE)
     grad_checkpointing: bool = option(False, 'recompute activations in the backward pass (less memory)')
+    fsdp: bool = option(False, "shard the weights, gradients and optimizer state across torchrun's processes "
+                               '(FSDP2: block by block; sharded checkpoints)')
     lock_image: bool = option(False, 'freeze the image tower')
     lock_text: bool = option(False, 'freeze the text tower')
     lora: int | None = option(None, 'train LoRA adapters of this rank instead of the weights', type=int,
@@ -63,6 +66,14 @@ class TrainOptions:
     lora_alpha: float | None = option(None, 'LoRA scaling alpha (default: the rank)', type=float, group=LORA)
     lora_dropout: float = option(0.0, 'dropout on the adapters\' input (default: %(default)s)', type=float,
                                   group=LORA)
+    plan: bool = option(False, "print each process's memory plan (weights, gradients, optimizer state, activations: "
+                               'computed from the model built on the meta device; nothing is downloaded or read) and '
+                               'whether it fits, then stop', group=PLAN)
+    processes: int | None = option(None, "with --plan: the processes to plan for (default: this launch's)", type=int,
+                                   group=PLAN, metavar='N')
+    memory: float | None = option(None, "each process's device memory in GB, which the run's plan must fit (default: "
+                                        "the device's; a run whose plan does not fit is refused)", type=float,
+                                  group=PLAN, metavar='GB')
     workers: int | None = option(None, 'DataLoader workers decoding images, per process (default: the cores '
                                         'of the process; less two on a GPU)', type=int)
     seed: int = option(0, 'fixes the data order and the random initializations (default: %(default)s)', type=int)
@@ -88,9 +99,6 @@ class TrainOptions:
     def from_call(cls, train_data: Any, keywords: Mapping[str, Any]) -> 'TrainOptions':
         import os
         check_keywords(cls, 'train', keywords, 'train_data')
-        for needed in ('out', 'steps'):
-            if keywords.get(needed) is None:
-                raise UsageError(f'give {param(needed)}')
         values = dict(keywords, train_data=[train_data] if isinstance(train_data, (str, os.PathLike)) else train_data)
         for name in ('train_data', 'val_data', 'image_keys'):
             if values.get(name) is not None:
@@ -113,10 +121,20 @@ class TrainOptions:
 
     def check(self, ranks: Ranks) -> ModelChoice:
         """Refuse what cannot work, before anything is loaded; the model choice, checked."""
-        if not self.train_data:
-            raise UsageError(f"give {param('train_data', 'SHARDS')}")
+        if not self.plan:
+            if not self.train_data:
+                raise UsageError(f"give {param('train_data', 'SHARDS')}")
+            for needed in ('out', 'steps'):
+                if getattr(self, needed) is None:
+                    raise UsageError(f'give {param(needed)}')
+        elif self.processes is not None and self.processes < 1:
+            raise UsageError(f"{param('processes')} must be at least 1")
+        if self.processes is not None and not self.plan:
+            raise UsageError(f"{param('processes')} goes with {param('plan')} (a run has its launch's processes)")
+        if self.memory is not None and not self.memory > 0:
+            raise UsageError(f"{param('memory')} must be more than 0 (GB)")
         for name in ('steps', 'batch_size', 'save_every', 'val_every'):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f'{param(name)} must be at least 1')
         for name in ('lr', 'visual_lr', 'text_lr'):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
@@ -144,12 +162,24 @@ class TrainOptions:
             require_peft()
         elif self.lora_alpha is not None or self.lora_dropout:
             raise UsageError(f"{param('lora_alpha')} and {param('lora_dropout')} go with {param('lora', 'R')}")
+        if self.fsdp:
+            from eva_open_clip import versions
+            versions.require_torch(f"{param('fsdp')} (FSDP2)", versions.FSDP_TORCH)
+            if not Ranks.launched() and not self.plan:
+                raise UsageError(f"{param('fsdp')} shards the model across the processes of a torchrun launch: run "
+                                 'it under torchrun (torchrun --nproc-per-node N -m eva_open_clip train ...)')
         if self.lock_image and self.lock_text and self.lora is None:
             raise UsageError(f"{param('lock_image')} and {param('lock_text')} "
                              'leave nothing to train (but logit_scale): unlock a tower, or give --lora')
         from eva_open_clip.embed.remote import check_url, is_url
         for url in (arg for arg in self.train_data + self.val_data if is_url(arg)):
             check_url(url)
+        if self.plan:  # the model's config is all a plan needs
+            from eva_open_clip.registry import check_model
+            from eva_open_clip.runtime.devices import check_device
+            check_model(self.model)
+            check_device(self.device)
+            return ModelChoice(self.model, self.pretrained, self.device, None, None, False)
         return ModelChoice.checked(self.model, self.pretrained, self.device, None, None, False,
                                    device_known_later=ranks.world_size > 1)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from torch import nn
 
 from eva_open_clip.checkpoint import read_state_dict
 from eva_open_clip.durable import write_atomic
@@ -16,16 +15,18 @@ from eva_open_clip.errors import UsageError, param
 from eva_open_clip.layout import convert_with_origin, is_released_layout
 
 
-def released_state_dict(model: nn.Module, template: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`model`'s weights under the keys of `template` (a released file's state dict), each in the template's dtype
-    and shape; the fixed rotary tables, which no training changes, are the template's."""
+def released_state_dict(state: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) \
+        -> dict[str, torch.Tensor]:
+    """A model's weights (its state dict, consumed key by key) under the keys of `template` (a released file's
+    state dict), each in the template's dtype and shape; the fixed rotary tables, which no training changes, are
+    the template's."""
     _, origin = convert_with_origin(template)
     ours_of = {released: ours for ours, released in origin.items()}
-    state = model.state_dict()
+    state = dict(state)
     out = {}
     for key, value in template.items():
         ours = ours_of.get(key)
-        source = value if ours is None else state[ours].detach()
+        source = value if ours is None else state.pop(ours).detach()
         out[key] = source.to('cpu', value.dtype).reshape(value.shape).clone()
     return out
 
@@ -39,9 +40,10 @@ def template_path(pretrained: str, cached: Path | None) -> str:
     return path
 
 
-def save_released(model: nn.Module, template: str, out: str | os.PathLike) -> Path:
-    """Write `out` (whole or not at all) with `model`'s weights in the layout of the released file `template`."""
-    weights = released_state_dict(model, read_state_dict(template))
+def save_released(state: Mapping[str, torch.Tensor], template: str, out: str | os.PathLike) -> Path:
+    """Write `out` (whole or not at all) with a model's weights (its state dict, consumed) in the layout of the
+    released file `template` (memory-mapped where it can be: only the output is held besides `state`)."""
+    weights = released_state_dict(state, read_state_dict(template))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda p: torch.save(weights, p))

@@ -4,10 +4,9 @@ two processes under torchrun; LoRA trains the adapters only and its merged relea
 model; the released layout round trip; each bad input answered in one line."""
 from __future__ import annotations
 
+import copy
 import io
-import json
 import signal
-import tarfile
 import time
 
 import numpy as np
@@ -19,73 +18,18 @@ from PIL import Image
 import eva_open_clip
 from support.checkpoints import register_reference
 from support.cli import TORCHRUN, error_line, main_here, run_cli
-from support.embed import TINY, add_member
+from support.embed import TINY
+from support.train import COLORS, png, run_log, train_args, train_here, train_process, weights
 
 pytestmark = pytest.mark.xdist_group('train')
-COLORS = {'red': (220, 30, 30), 'green': (30, 200, 40), 'blue': (30, 40, 220), 'yellow': (230, 220, 30),
-          'black': (10, 10, 10), 'white': (245, 245, 245), 'purple': (140, 30, 160), 'orange': (240, 140, 20)}
-
-
-def _png(rgb, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(rgb)[None, None] + rng.integers(-12, 13, (48, 48, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, 'PNG')
-    return buffer.getvalue()
-
-
-def _shards(root, count: int, per_shard: int, captions: bool = True, offset: int = 0) -> str:
-    """Shards of colour swatches captioned with their colour: a task the tiny model learns in a few dozen steps."""
-    root.mkdir(parents=True, exist_ok=True)
-    names = list(COLORS)
-    for s in range(count):
-        with tarfile.open(root / f'{s:03d}.tar', 'w') as tf:
-            for i in range(per_shard):
-                n = offset + s * per_shard + i
-                color = names[n % len(names)]
-                add_member(tf, f'{n:05d}.png', _png(COLORS[color], n))
-                if captions:
-                    add_member(tf, f'{n:05d}.txt', f'a {color} square'.encode())
-    return str(root / ('{000..%03d}.tar' % (count - 1)))
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('train-data')
-    return dict(train=_shards(root / 'train', 6, 24), val=_shards(root / 'val', 1, 16, offset=1000),
-                bare=_shards(root / 'bare', 2, 4, captions=False))
-
-
-def _train_args(tiny, data, out, *args) -> list:
-    return ['train', '--train-data', data['train'], '--out', out, '--model', TINY, '--pretrained', tiny[0] / 'tiny.pt',
-            '--batch-size', '8', '--lr', '5e-4', '--quiet', *args]
-
-
-def _train_here(tiny, data, out, *args):
-    register_reference('tiny_a')
-    return main_here(*_train_args(tiny, data, out, *args))
-
-
-def _train_process(tiny, data, out, *args, **kwargs):
-    return run_cli('run', '--register', f'{TINY}={tiny[0] / "tiny.json"}', '-m', 'eva_open_clip',
-                   *_train_args(tiny, data, out, *args), **kwargs)
-
-
-def _log(out) -> tuple[dict, list[dict]]:
-    lines = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
-    return lines[0], lines[1:]
-
-
-def _weights(out) -> dict[str, torch.Tensor]:
-    return torch.load(out / 'checkpoint.pt', weights_only=True)['model']
 
 
 def test_the_loss_falls_on_a_learnable_task(tiny, data, tmp_path):
     out = tmp_path / 'run'
-    result = _train_here(tiny, data, out, '--steps', '40', '--warmup', '4', '--val-data', data['val'],
+    result = train_here(tiny, data, out, '--steps', '40', '--warmup', '4', '--val-data', data['val'],
                          '--val-every', '20', '--visual-layer-decay', '0.9', '--text-layer-decay', '0.8')
     assert result.returncode == 0, result.stderr[-3000:]
-    first, lines = _log(out)
+    first, lines = run_log(out)
     steps = [line for line in lines if 'loss' in line and 'val' not in line]
     assert [s['step'] for s in steps] == list(range(1, 41))
     assert first['params']['trainable'] == first['params']['total'] == sum(p.numel() for p in tiny[1].parameters())
@@ -98,56 +42,59 @@ def test_the_loss_falls_on_a_learnable_task(tiny, data, tmp_path):
     assert steps[-1]['lr']['visual'] < 1e-6  # cosine to 0
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(tiny, data, tmp_path):
+def test_a_killed_run_resumes_to_the_uninterrupted_runsweights(tiny, data, tmp_path):
     args = ('--steps', '60', '--save-every', '7', '--warmup', '5')
     reference = tmp_path / 'reference'
-    assert _train_here(tiny, data, reference, *args, '--workers', '2').returncode == 0
+    assert train_here(tiny, data, reference, *args, '--workers', '2').returncode == 0
     out = tmp_path / 'killed'
-    job = _train_process(tiny, data, out, *args, '--workers', '1', background=True)
+    job = train_process(tiny, data, out, *args, '--workers', '1', background=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and job.poll() is None:
-        if (out / 'checkpoint.pt').exists() and len(_log(out)[1]) >= 24:
+        if (out / 'checkpoint.pt').exists() and len(run_log(out)[1]) >= 24:
             break
         time.sleep(0.01)
     assert job.poll() is None, 'the run ended before it could be killed'
     job.send_signal(signal.SIGKILL)
     job.wait()
-    killed_at = len(_log(out)[1])
+    killed_at = len(run_log(out)[1])
     assert 14 <= torch.load(out / 'checkpoint.pt', weights_only=True)['step'] < 60
-    resumed = _train_here(tiny, data, out, *args, '--workers', '0')
+    resumed = train_here(tiny, data, out, *args, '--workers', '0')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    ours, theirs = _weights(out), _weights(reference)
+    ours, theirs = weights(out), weights(reference)
     assert ours.keys() == theirs.keys()
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6
-    steps = _log(out)[1]
+    steps = run_log(out)[1]
     assert [s['step'] for s in steps] == list(range(1, 61)), killed_at  # each step logged once
-    assert [s['loss'] for s in steps] == pytest.approx([s['loss'] for s in _log(reference)[1]], abs=1e-6)
+    assert [s['loss'] for s in steps] == pytest.approx([s['loss'] for s in run_log(reference)[1]], abs=1e-6)
 
 
 def test_two_processes_under_torchrun(tiny, data, tmp_path):
     out = tmp_path / 'ddp'
     result = run_cli('run', '--register', f'{TINY}={tiny[0] / "tiny.json"}', '-m', 'eva_open_clip',
-                     *_train_args(tiny, data, out, '--steps', '6', '--save-every', '3', '--workers', '1',
+                     *train_args(tiny, data, out, '--steps', '6', '--save-every', '3', '--workers', '1',
                                   '--lock-image'), launcher=TORCHRUN[:-2] + ('-m', 'eva_open_clip'))
     assert result.returncode == 0, result.stderr[-3000:]
-    first, steps = _log(out)
+    first, steps = run_log(out)
     assert first['world_size'] == 2 and [s['step'] for s in steps] == list(range(1, 7))
     visual = sum(p.numel() for p in tiny[1].visual.parameters())
     assert first['params']['trainable'] == first['params']['total'] - visual
     assert all(np.isfinite(s['loss']) for s in steps)
     state = torch.load(out / 'checkpoint.pt', weights_only=True)
     assert len(state['positions']) == len(state['rng']) == 2  # each rank's place in its own shards
-    other = _train_here(tiny, data, out, '--steps', '8', '--save-every', '3', '--workers', '1')
+    other = train_here(tiny, data, out, '--steps', '8', '--save-every', '3', '--workers', '1')
     assert error_line(other, 2).endswith(f'{out} holds another run (lock_image: True there, False now): give its '
                                          'settings to resume it, or a new --out folder')
-    again = _train_here(tiny, data, out, '--steps', '8', '--save-every', '3', '--workers', '1', '--lock-image')
-    assert error_line(again, 2).endswith(f'{out} was trained by 2 process(es): resume it with as many (this launch '
-                                         'has 1)')
+    # on one process: both data streams, each batch of 8 as the two processes took them
+    again = train_here(tiny, data, out, '--steps', '8', '--save-every', '3', '--workers', '1', '--lock-image')
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [s['step'] for s in run_log(out)[1]] == list(range(1, 9))
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert state['step'] == 8 and [p['taken'] for p in state['positions']] == [16, 16]  # 8 pairs a step in each
 
 
 def _features(model, tiny) -> torch.Tensor:
     _, _, preprocess, tokenizer = tiny
-    images = torch.stack([preprocess(Image.open(io.BytesIO(_png(c, 7)))) for c in COLORS.values()])
+    images = torch.stack([preprocess(Image.open(io.BytesIO(png(c, 7)))) for c in COLORS.values()])
     with torch.no_grad():
         return torch.cat([model.encode_image(images, normalize=True),
                           model.encode_text(tokenizer([f'a {c} square' for c in COLORS]), normalize=True)])
@@ -155,14 +102,14 @@ def _features(model, tiny) -> torch.Tensor:
 
 def test_the_released_layout_round_trip(tiny, data, tmp_path):
     out, released = tmp_path / 'run', tmp_path / 'tuned.pt'
-    assert _train_here(tiny, data, out, '--steps', '3', '--save-released', released, '--grad-checkpointing',
+    assert train_here(tiny, data, out, '--steps', '3', '--save-released', released, '--grad-checkpointing',
                        '--opt', 'lamb').returncode == 0
     original = torch.load(tiny[0] / 'tiny.pt', weights_only=True)
     tuned = torch.load(released, weights_only=True)
     assert {k: (v.shape, v.dtype) for k, v in tuned.items()} == {k: (v.shape, v.dtype) for k, v in original.items()}
     name = register_reference('tiny_a')
     model = open_clip.create_model(name, pretrained=str(released)).eval()
-    trained = _weights(out)
+    trained = weights(out)
     for key, value in model.state_dict().items():  # the trained weights, in the file's fp16
         assert torch.equal(value, trained[key].half().float()), key
     assert not torch.equal(tuned['visual.blocks.0.attn.qkv.weight'], original['visual.blocks.0.attn.qkv.weight'])
@@ -174,7 +121,7 @@ def test_the_released_layout_round_trip(tiny, data, tmp_path):
     folder = tmp_path / 'swatches'
     folder.mkdir()
     for i, rgb in enumerate(COLORS.values()):
-        (folder / f'{i}.png').write_bytes(_png(rgb, 7))
+        (folder / f'{i}.png').write_bytes(png(rgb, 7))
     assert main_here('embed', folder, '--out', tmp_path / 'e.npy', '--model', TINY, '--pretrained',
                      released).returncode == 0
     assert np.allclose(np.load(tmp_path / 'e.npy'), _features(model, tiny)[:len(COLORS)].numpy(), atol=1e-6)
@@ -188,13 +135,16 @@ needs_peft = pytest.mark.skipif(__import__('importlib').util.find_spec('peft') i
 def test_lora_trains_the_adapters_only_and_its_merged_file_is_the_adapted_model(tiny, data, tmp_path):
     from eva_open_clip.train.lora import add_adapters
     out, released = tmp_path / 'lora', tmp_path / 'lora.pt'
-    result = _train_here(tiny, data, out, '--steps', '6', '--lora', '4', '--lora-alpha', '8', '--lr', '5e-3',
+    result = train_here(tiny, data, out, '--steps', '6', '--lora', '4', '--lora-alpha', '8', '--lr', '5e-3',
                          '--save-released', released)
     assert result.returncode == 0, result.stderr[-3000:]
-    first, _ = _log(out)
-    state = _weights(out)
+    first, _ = run_log(out)
+    state = weights(out)
     adapters = {k: v for k, v in state.items() if 'lora_' in k}
     assert first['params']['trainable'] == sum(v.numel() for v in adapters.values()) > 0
+    # every adapter trained (B starts at 0), the fused qkv's of an image tower with q/v biases too
+    assert all(v.abs().max() > 0 for k, v in adapters.items() if '.lora_B.' in k), \
+        [k for k, v in adapters.items() if '.lora_B.' in k and not v.abs().max() > 0]
     assert any('text.transformer.resblocks.0.attn' in k for k in adapters)  # the text tower's MultiheadAttention
     assert any('visual.trunk.blocks.0.mlp' in k for k in adapters)
     name = register_reference('tiny_a')
@@ -207,6 +157,12 @@ def test_lora_trains_the_adapters_only_and_its_merged_file_is_the_adapted_model(
         if 'lora_' not in key:
             assert torch.equal(state[key], value), key
     adapted_model.load_state_dict(state)
+    # the merge of the state dict (which a sharded run gathers) is peft's merge
+    from eva_open_clip.train.lora import merged_state
+    peft_merged = copy.deepcopy(adapted).merge_and_unload().state_dict()
+    ours = merged_state(copy.deepcopy(adapted_model.state_dict()), name, 4, 8)  # it merges into what it is given
+    assert ours.keys() == peft_merged.keys()
+    assert max((ours[k] - peft_merged[k]).abs().max().item() for k in ours) == 0
     merged = open_clip.create_model(name, pretrained=str(released)).eval()
     adapted_model.eval()
     # the released file is fp16, as the original: the merged weights are rounded there
@@ -224,7 +180,7 @@ def test_lora_trains_the_adapters_only_and_its_merged_file_is_the_adapted_model(
                                                       'logit_scale): unlock a tower, or give --lora'),
 ])
 def test_bad_arguments_are_one_line(tiny, data, tmp_path, args, line):
-    result = _train_here(tiny, data, tmp_path / 'x', *args)
+    result = train_here(tiny, data, tmp_path / 'x', *args)
     assert error_line(result, 2) == f'eva-open-clip train: {line}'
 
 
@@ -247,5 +203,5 @@ def test_a_model_without_a_file_is_one_line(tiny, data, tmp_path):
 
 @pytest.mark.skipif(__import__('importlib').util.find_spec('peft') is not None, reason='peft is installed')
 def test_lora_without_peft_names_the_extra(tiny, data, tmp_path):
-    result = _train_here(tiny, data, tmp_path / 'x', '--steps', '2', '--lora', '4')
+    result = train_here(tiny, data, tmp_path / 'x', '--steps', '2', '--lora', '4')
     assert error_line(result, 2) == "eva-open-clip train: --lora needs peft: pip install 'eva_open_clip[lora]'"
