@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / 'tests'))
 
 CHILD = '''
-import json, sys
+import json, os, sys
 def rss(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
@@ -36,8 +36,9 @@ from eva_open_clip import cli
 import eva_open_clip.train.run  # the imports, before the baseline
 base = rss('VmRSS')
 code = cli.main(sys.argv[1:])
-print(json.dumps(dict(code=code, imports_rss=base, peak_rss=rss('VmHWM'))))
-'''
+print(json.dumps(dict(rank=int(os.environ.get('RANK', 0)), code=code, imports_rss=base, peak_rss=rss('VmHWM'))),
+      flush=True)
+'''  # a process's peak memory over its imports (one line per torchrun rank)
 
 
 def _shards(folder: Path, shards: int, per_shard: int) -> str:

@@ -68,9 +68,9 @@ TINY = ROOT / 'tests' / 'data' / 'tiny_a'
 ENCODE_MODELS = ['EVA02-CLIP-B-16', 'EVA02-CLIP-L-14', 'EVA_CLIP_g_14']
 # seconds each section takes on an H100 or H200, from which the budget decides what still fits
 COSTS = {'tests': 40, 'gemm': 15, 'encode': 90, 'decode': 30, 'embed': 170, 'large': 240, 'compile': 300,
-         'train': 260}
+         'train': 260, 'giant': 330}
 SETS = {'core': ['tests', 'gemm', 'encode', 'decode', 'embed'], 'large': ['large'], 'compile': ['gemm', 'compile'],
-        'train': ['train']}
+        'train': ['train'], 'giant': ['giant']}
 # dense tensor-core peaks as specified (FLOP/s): bf16, and fp32 on TF32
 SPEC_PEAKS = {'H200': (989e12, 494.5e12), 'H100': (989e12, 494.5e12), 'A100': (312e12, 156e12),
               'L40S': (362e12, 183e12), 'A10': (125e12, 62.5e12), 'L4': (121e12, 60e12)}
@@ -407,6 +407,62 @@ def train(bench: Bench) -> None:
     shutil.rmtree(folder)
 
 
+GIANT_RUN = ('EVA-CLIP-8B', 32, ('--lora', '8', '--precision', 'pure_bf16'))
+
+
+def giant(bench: Bench) -> None:
+    """EVA-CLIP-8B (bf16 file, written here) trained with `--fsdp --grad-checkpointing` and LoRA under torchrun on
+    one GPU: samples/s, peak GPU memory and the memory plan's peak for the same run."""
+    from bench_embed import make_shards
+
+    from eva_open_clip.train.plan import Setup, plan
+    name, batch, extra = ('tiny', 4, ('--precision', 'fp32')) if bench.dry_run else GIANT_RUN
+    if '--lora' in extra and importlib.util.find_spec('peft') is None:
+        extra = tuple(e for e in extra if e not in ('--lora', '8'))  # the oldest set: full fine-tuning of tiny
+    steps = 3 if bench.dry_run else 8
+    folder = bench.workdir / 'giant-shards'
+    folder.mkdir(exist_ok=True)
+    shards = make_shards(folder, steps * batch, per_shard=steps * batch)
+    if bench.dry_run:
+        checkpoint = _checkpoint(bench, name)
+    else:
+        checkpoint = bench.workdir / f'{name}.bf16.pt'
+        needed, free = _file_bytes(name, 'bf16'), shutil.disk_usage(bench.workdir).free
+        if needed * 1.05 > free:
+            emit('giant', model=name, skipped=f'disk: {needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free')
+            return
+        write_checkpoint(checkpoint, manifest(name), DTYPES['bf16'])
+    out = bench.workdir / 'giant-run'
+    register = ['run', '--register', f'tiny={bench.config}', '-m', 'eva_open_clip'] if bench.dry_run else []
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '1', '-m',
+           'eva_open_clip', *register, 'train', '--train-data', shards, '--out', str(out), '--model', name,
+           '--pretrained', str(checkpoint), '--steps', str(steps), '--batch-size', str(batch), '--save-every',
+           str(steps + 1), '--quiet', '--fsdp', '--grad-checkpointing', *extra]
+    if bench.dry_run:
+        cmd += ['--device', 'cpu', '--workers', '1']
+    lora = int(extra[extra.index('--lora') + 1]) if '--lora' in extra else None
+    precision = extra[extra.index('--precision') + 1]
+    planned = plan(Setup(name, 1, batch, precision, True, lora, True)).total if not bench.dry_run else None
+    bench.release_gpu_memory()
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=bench.child_timeout())
+    except subprocess.TimeoutExpired:
+        emit('giant', model=name, error='timed out')
+        return
+    finally:
+        checkpoint.unlink()
+        shutil.rmtree(folder)
+    if result.returncode:
+        emit('giant', model=name, error=result.stderr[-1500:])
+        return
+    lines = [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+    timed = [line for line in lines[1:] if 'samples_per_s' in line][2:]
+    emit('giant', model=name, fsdp=True, grad_checkpointing=True, lora=lora, precision=precision, batch=batch,
+         params=lines[0]['params'], samples_per_s=sum(line['samples_per_s'] for line in timed) / max(1, len(timed)),
+         peak_gpu_memory=timed[-1].get('peak_gpu_memory') if timed else None, planned_peak=planned)
+    shutil.rmtree(out)
+
+
 def tests(bench: Bench) -> None:
     """The gpu-marked tests, in a child with a timeout."""
     if bench.dry_run:
@@ -427,7 +483,7 @@ def tests(bench: Bench) -> None:
 
 
 SECTIONS = {'tests': tests, 'gemm': gemm, 'encode': encode, 'decode': decode, 'embed': embed, 'large': large,
-            'compile': compile_section, 'train': train}
+            'compile': compile_section, 'train': train, 'giant': giant}
 
 
 def main() -> None:

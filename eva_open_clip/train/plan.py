@@ -59,12 +59,13 @@ class Setup:
     lock_image: bool = False
     lock_text: bool = False
 
-    def flags(self) -> str:
-        """The settings as the command line gives them."""
-        words = [f'{param("batch_size")} {self.batch_size}']
+    def flags(self, precision: bool = False) -> str:
+        """The settings as the command line gives them (and the precision)."""
+        words = [param('precision', self.precision)] if precision else []
+        words += [param('batch_size', self.batch_size)]
         words += [param('fsdp')] if self.fsdp else []
         words += [param('grad_checkpointing')] if self.grad_checkpointing else []
-        words += [f'{param("lora")} {self.lora}'] if self.lora else []
+        words += [param('lora', self.lora)] if self.lora else []
         return ' '.join(words)
 
 
@@ -300,15 +301,15 @@ def check(setup: Setup, memory: float, where: str) -> Plan:
     if found.fits():
         return found
     fix = _what_fits(setup, memory)
-    hint = f'give {fix.flags()} ({plan(fix).total / GB:.3g} GB)' if fix else \
+    hint = f'give {fix.flags(fix.precision != setup.precision)} ({plan(fix).total / GB:.3g} GB)' if fix else \
         'it needs more processes with --fsdp, or GPUs with more memory'
     raise UsageError(f'{setup.model} does not fit {where}: its plan needs {found.total / GB:.3g} GB per process of '
                      f'the {FITS * memory / GB:.3g} GB usable; {hint}; {param("plan")} shows each part')
 
 
 def _what_fits(setup: Setup, memory: float) -> Setup | None:
-    """The nearest settings that fit: checkpointing, then FSDP (on several processes), then LoRA, then a smaller
-    batch, each added to the last."""
+    """The nearest settings that fit: checkpointing, then FSDP (on several processes), then LoRA, then LoRA's
+    frozen weights in bf16, then a smaller batch, each added to the last."""
     tries = [setup]
     if not setup.grad_checkpointing:
         tries.append(replace(tries[-1], grad_checkpointing=True))
@@ -316,6 +317,8 @@ def _what_fits(setup: Setup, memory: float) -> Setup | None:
         tries.append(replace(tries[-1], fsdp=True))
     if not setup.lora:
         tries.append(replace(tries[-1], lora=8))
+    if _PARAM_DTYPES.get(setup.precision, torch.float32).itemsize > 2:
+        tries.append(replace(tries[-1], precision='pure_bf16'))
     for candidate in tries[1:]:
         if plan(candidate).fits(memory):
             return candidate

@@ -114,6 +114,10 @@ class _Job:
 
     def run(self) -> TrainResult | None:
         from eva_open_clip.embed.store.lock import OutputLock
+        self._check_memory()  # before the run folder is made
+        if self.device.type == 'cpu':  # what a step frees goes back, so that a process holds what its plan says
+            from eva_open_clip.cpu_memory import return_large_blocks
+            return_large_blocks()
         lock = OutputLock.for_folder(self.out)
         try:
             if self.ranks.rank == 0:
@@ -131,7 +135,6 @@ class _Job:
         if not units:
             raise UsageError(f"{param('train_data')}: the inputs hold no shard")
         val_units = list_units(options.val_data, None, 10_000)[0] if options.val_data else []
-        self._check_memory()
         template = self._released_template()
         model, preprocess, tokenizer = self._model()
         if options.fsdp:

@@ -32,8 +32,9 @@ def test_gpu_benchmark_dry_run_prints_every_measurement(tmp_path):
             assert 'error' not in record, (section, record)
         else:
             runs.setdefault(section, []).append(record)
-    assert ended == ['tests', 'gemm', 'encode', 'decode', 'embed', 'large', 'compile', 'train']
-    assert list(runs) == ['machine', 'tests', 'gemm', 'encode', 'decode', 'embed', 'large', 'compile', 'train', 'done']
+    assert ended == ['tests', 'gemm', 'encode', 'decode', 'embed', 'large', 'compile', 'train', 'giant']
+    assert list(runs) == ['machine', 'tests', 'gemm', 'encode', 'decode', 'embed', 'large', 'compile', 'train', 'giant',
+                          'done']
     assert runs['machine'][0]['device'] == 'cpu (dry run)'
     [gemm] = runs['gemm']
     assert gemm['bf16_flop_per_s'] > 0 and gemm['fp32_tf32_flop_per_s'] > 0 and gemm['spec_bf16_flop_per_s'] is None
@@ -64,6 +65,8 @@ def test_gpu_benchmark_dry_run_prints_every_measurement(tmp_path):
     assert [(r['model'], r['lora'], r['params']['trainable'] < r['params']['total']) for r in trained] == \
         [('tiny', False, False)] + ([('tiny', True, True)] if lora else [])
     assert all(r['samples_per_s'] > 0 for r in trained) and len(runs['train']) == 2
+    [giant] = runs['giant']  # FSDP and checkpointing under torchrun (on the CPU: gloo, one process)
+    assert giant['fsdp'] and giant['grad_checkpointing'] and giant['samples_per_s'] > 0
     assert list(tmp_path.iterdir()) == [tmp_path / 'tiny.json']  # generated checkpoints and shards are removed
 
 

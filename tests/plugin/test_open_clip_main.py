@@ -21,8 +21,8 @@ from support.checkpoints import golden, needs_trainer, register_reference, relea
 from support.cli import TORCHRUN, run_cli
 
 ARCHIVE = Path(__file__).parent.parent / 'data' / 'vendor' / 'open_clip-main-89fb801.tar.gz'
-pytestmark = [needs_trainer(), pytest.mark.skipif(not versions.at_least(versions.TORCH, versions.FSDP_TORCH),
-                                                   reason="open_clip's FSDP2 trainer needs torch >= 2.6")]
+needs_fsdp = pytest.mark.skipif(not versions.at_least(versions.TORCH, versions.FSDP_TORCH),
+                                reason="open_clip's FSDP2 trainer needs torch >= 2.6")
 
 
 @pytest.fixture(scope='module')
@@ -46,6 +46,8 @@ def test_every_model_answers_fsdp_shard_modules_with_its_blocks(tiny):
     assert shard_modules(built)[0][1] is built.visual.trunk.blocks[0]
 
 
+@needs_trainer()
+@needs_fsdp
 def test_its_trainer_shards_an_eva_model_block_by_block(open_clip_main, tmp_path):
     (tmp_path / 'tiny.json').write_text(json.dumps(golden('tiny_a')['config']))
     torch.save(released_state_dict('tiny_a'), tmp_path / 'tiny.pt')

@@ -67,18 +67,24 @@ def losses(out) -> list[float]:
 
 @pytest.fixture(scope='module')
 def reference(model_files, data, tmp_path_factory):
-    """A sharded run of 24 steps, uninterrupted, evaluated at the end."""
+    """A sharded run of 24 steps, uninterrupted, evaluated at the end, its weights written in the released layout."""
     out = tmp_path_factory.mktemp('fsdp') / 'reference'
     result = train(model_files, data, out, '--fsdp', '--steps', '24', '--save-every', '4', '--val-data', data['val'],
-                   '--val-every', '24')
+                   '--val-every', '24', '--save-released', out.parent / 'reference.pt')
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 def test_fsdp_and_ddp_give_the_same_losses_and_weights(model_files, data, reference, tmp_path):
     ddp = tmp_path / 'ddp'
-    result = train(model_files, data, ddp, '--steps', '24', '--save-every', '4')
+    result = train(model_files, data, ddp, '--steps', '24', '--save-every', '4', '--save-released', tmp_path / 'ddp.pt')
     assert result.returncode == 0, result.stderr[-3000:]
+    # the released files: the sharded run's gathered on rank 0, in the template's keys, shapes and dtypes
+    released, ddp_released = (torch.load(p, weights_only=True) for p in (reference.parent / 'reference.pt',
+                                                                         tmp_path / 'ddp.pt'))
+    original = torch.load(model_files[1], weights_only=True)
+    assert {k: (v.shape, v.dtype) for k, v in released.items()} == {k: (v.shape, v.dtype) for k, v in original.items()}
+    assert closest(released, ddp_released) <= 1e-3  # fp16 files: one rounding step at most
     assert losses(reference) == pytest.approx(losses(ddp), abs=TOLERANCE)
     assert len(losses(reference)) == 24 and losses(reference)[-1] < losses(reference)[0]
     ddp_weights = torch.load(ddp / 'checkpoint.pt', weights_only=True)['model']
@@ -176,3 +182,16 @@ def test_which_streams_a_process_reads():
         Share.of(0, 3, 4, 8)
     with pytest.raises(Exception, match='divides the batch size'):
         Share.of(0, 4, 1, 6)
+
+
+@pytest.mark.gpu
+def test_fsdp_on_a_gpu_computes_in_bf16_from_fp32_weights(model_files, data, tmp_path):
+    """On CUDA (NCCL, one process): bf16 compute and fp32 gradient reduction from fp32 sharded weights, the peak
+    GPU memory logged, the checkpoint's weights fp32."""
+    out = tmp_path / 'gpu'
+    result = train(model_files, data, out, '--fsdp', '--steps', '4', '--device', 'cuda', '--precision', 'amp_bf16',
+                   processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [s for s in run_log(out)[1] if 'loss' in s]
+    assert len(steps) == 4 and all(s['peak_gpu_memory'] > 0 for s in steps)
+    assert all(v.dtype == torch.float32 for v in sharded_weights(out).values())

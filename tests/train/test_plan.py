@@ -79,6 +79,10 @@ def test_plans_for_the_giants_on_the_command_line_download_nothing():
     assert lines[-1] == f'fits in --memory 80 (80 GB, of which {FITS:.0%} usable)'
     alone = main_here('train', '--plan', '--model', 'EVA-CLIP-18B', '--precision', 'pure_bf16', '--memory', '24')
     assert alone.returncode == 0 and alone.stdout.splitlines()[-1].startswith('does not fit in --memory 24')
+    from eva_open_clip.train import train
+    planned = train(plan=True, model='EVA-CLIP-8B', processes=64, fsdp=True, grad_checkpointing=True,
+                    precision='amp_bf16', batch_size=32, memory=80)  # the same from Python
+    assert str(planned).splitlines()[1:-1] == lines[1:-1] and planned.fits()
 
 
 def _meta(name: str):
@@ -92,7 +96,7 @@ def test_a_run_that_does_not_fit_is_refused_in_one_line_naming_what_fits(tiny, d
     line = error_line(result, 2)
     assert line.startswith(f'eva-open-clip train: {TINY} does not fit in --memory {memory:g}: its plan needs ')
     assert line.endswith('--plan shows each part')
-    assert not (tmp_path / 'run' / 'log.jsonl').exists()
+    assert not (tmp_path / 'run').exists()  # refused before the run folder is made
     fix = line.split('; give ')[1].split(' (')[0].split()  # the nearest settings that fit, as flags
     assert '--grad-checkpointing' in fix  # the first thing to try
     again = train_here(tiny, data, tmp_path / 'run', '--steps', '2', '--memory', f'{memory:.6f}', *fix)
