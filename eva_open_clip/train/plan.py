@@ -23,7 +23,6 @@ fragmentation, the data pipeline's buffers). `check` refuses a run that does not
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass, replace
 
@@ -147,34 +146,17 @@ def plan(setup: Setup, memory: float | None = None, where: str = '') -> Plan:
 
 
 def _meta_model(setup: Setup) -> nn.Module:
-    import open_clip
-    with torch.device('meta'), _quiet():
-        model = open_clip.create_model(setup.model, device='meta')
-    model.train()
+    from eva_open_clip.runtime.loading import meta_model
+    model = meta_model(setup.model).train()
     if setup.lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
     if setup.lock_text:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
-    if setup.grad_checkpointing:
-        model.set_grad_checkpointing(True)
     if setup.lora:
         from eva_open_clip.train.lora import add_adapters
         with torch.device('meta'):
             add_adapters(model, setup.lora, None, 0.0)
     return model
-
-
-@contextlib.contextmanager
-def _quiet():
-    """open_clip warns that a model built without a file is randomly initialized: here that is the point."""
-    import logging
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _saved_bytes(model: nn.Module, dtype: torch.dtype, checkpointing: bool) -> int:
@@ -204,9 +186,7 @@ def _saved_bytes(model: nn.Module, dtype: torch.dtype, checkpointing: bool) -> i
 
     blocks = [block for _, block in shard_modules(model)]
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
-    was = {b: getattr(b, 'grad_checkpointing', None) for b in (model.visual.trunk, _text_tower(model))}
-    model.set_grad_checkpointing(False)  # counted without; checkpointing is applied to the counts below
-    try:
+    try:  # counted without checkpointing; what checkpointing keeps is worked out from the counts below
         size = model.visual.trunk.patch_embed.img_size
         images = torch.empty(1, 3, *size, device='meta', dtype=dtype)
         tokens = torch.zeros(1, _context_length(model), dtype=torch.long, device='meta')
@@ -215,7 +195,6 @@ def _saved_bytes(model: nn.Module, dtype: torch.dtype, checkpointing: bool) -> i
     finally:
         for h in handles:
             h.remove()
-        model.set_grad_checkpointing(any(v for v in was.values()))
     everything = counted()
     if not checkpointing or not spans:
         return everything
@@ -261,11 +240,6 @@ def _self_attention(given: dict) -> torch.Tensor:
                  given.get('is_causal', False), None)
     out = out.permute(2, 0, 1, 3).reshape(length * batch, width)
     return F.linear(out, given['out_proj_weight'], given['out_proj_bias']).view(length, batch, width)
-
-
-def _text_tower(model: nn.Module) -> nn.Module:
-    text = getattr(model, 'text', None)
-    return (text if isinstance(text, nn.Module) else model).transformer
 
 
 def _context_length(model: nn.Module) -> int:

@@ -206,7 +206,7 @@ class _Job:
         return save_released(state, template, self.options.save_released)
 
     def _model(self):
-        """(the model to train, its peft wrapper or None, preprocess, tokenizer)."""
+        """(the model to train, LoRA-adapted in place with --lora; preprocess, tokenizer)."""
         from eva_open_clip.runtime.loading import load_model
         options = self.options
         torch.manual_seed(options.seed)
