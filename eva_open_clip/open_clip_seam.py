@@ -26,8 +26,10 @@ else in the package patches another library:
    release they need: `CustomTextCLIP.forward_intermediates` (open_clip < 2.32) and
    `TextTransformer.lock`, which `lock_text_tower` calls (open_clip < 3.1).
 7. `fsdp_shard_modules()`, the method open_clip's next trainer (main branch, 4.x: `TrainingTask.prepare_fsdp`)
-   looks for on a model to choose what `fully_shard` wraps: each EVA model `create_model` returns gets one naming
-   its image and text blocks (`sharding`); open_clip's own default would shard none of an EVA image tower's blocks.
+   looks for on a model to choose what `fully_shard` wraps: open_clip's `CLIP` and `CustomTextCLIP` get a property
+   that, on an EVA model, gives the method naming its image and text blocks (`sharding`), and on any other model is
+   what the class had (none: `hasattr` is False, as before). A property, not an attribute of each model: a bound
+   method stored on the model would tie it in a reference cycle, freed only by the garbage collector.
 
 Which open_clip releases have which features is known in `versions.py`; the wrappers pass open_clip
 only the arguments its installed release knows.
@@ -148,7 +150,6 @@ def _create_model(original: Callable[..., Any]) -> Callable[..., Any]:
                 model = original(*bound.args, **bound.kwargs)
             if int8:
                 quantize.mark(model)
-        sharding.answer_fsdp_shard_modules(model)
         return model
     return create_model
 
@@ -171,10 +172,29 @@ def accept_cpu_device_ids_in_ddp() -> None:
     torch.nn.parallel.DistributedDataParallel = _CpuDeviceIdsDDP
 
 
+class _ShardModules:
+    """`model.fsdp_shard_modules`: on an EVA model, the method naming its blocks; on another, the class's own."""
+
+    def __init__(self, original: Any):
+        self.original = original
+
+    def __get__(self, model: Any, owner: type | None = None) -> Any:
+        if model is None:
+            return self
+        if is_eva_model(model):
+            return functools.partial(sharding.shard_modules, model)
+        if self.original is None:
+            raise AttributeError('fsdp_shard_modules')
+        return self.original.__get__(model, owner)
+
+
 def install() -> None:
-    """Wrap open_clip's `create_model` and `load_checkpoint` (idempotent)."""
-    from open_clip.model import CustomTextCLIP
+    """Wrap open_clip's `create_model` and `load_checkpoint`; EVA models' `fsdp_shard_modules` (idempotent)."""
+    from open_clip.model import CLIP, CustomTextCLIP
     from open_clip.transformer import TextTransformer
+    for cls in (CLIP, CustomTextCLIP):
+        if not isinstance(cls.__dict__.get('fsdp_shard_modules'), _ShardModules):
+            cls.fsdp_shard_modules = _ShardModules(cls.__dict__.get('fsdp_shard_modules'))
     for cls, method, feature, version in ((CustomTextCLIP, 'forward_intermediates', 'forward_intermediates', (2, 32)),
                                           (TextTransformer, 'lock', 'lock_text_tower', (3, 1))):
         if not hasattr(cls, method):

@@ -1,13 +1,11 @@
 """The blocks an EVA-CLIP model is sharded by: every image block and every text block, input to output.
 
-Each model this package builds answers `fsdp_shard_modules()` with them, the hook that open_clip's next trainer
-(its main branch: `open_clip_train --fsdp`) calls to decide what `fully_shard` wraps; without it an EVA image tower,
-whose blocks are timm's and not open_clip's, would be gathered whole. `eva-open-clip train --fsdp` shards by the same
-list.
+Each model this package builds answers `fsdp_shard_modules()` with them (`open_clip_seam`), the hook that open_clip's
+next trainer (its main branch: `open_clip_train --fsdp`) calls to decide what `fully_shard` wraps; without it an EVA
+image tower, whose blocks are timm's and not open_clip's, would be gathered whole. `eva-open-clip train --fsdp`
+shards by the same list.
 """
 from __future__ import annotations
-
-import types
 
 from torch import nn
 
@@ -20,8 +18,3 @@ def shard_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     owner = model.text if text else model
     found += [(f'{text}transformer.resblocks.{i}', block) for i, block in enumerate(owner.transformer.resblocks)]
     return found
-
-
-def answer_fsdp_shard_modules(model: nn.Module) -> None:
-    """Give `model` its `fsdp_shard_modules()` (see the module doc)."""
-    model.fsdp_shard_modules = types.MethodType(shard_modules, model)

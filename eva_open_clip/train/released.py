@@ -15,14 +15,13 @@ from eva_open_clip.errors import UsageError, param
 from eva_open_clip.layout import convert_with_origin, is_released_layout
 
 
-def released_state_dict(state: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]) \
+def released_state_dict(state: dict[str, torch.Tensor], template: Mapping[str, torch.Tensor]) \
         -> dict[str, torch.Tensor]:
-    """A model's weights (its state dict, consumed key by key) under the keys of `template` (a released file's
-    state dict), each in the template's dtype and shape; the fixed rotary tables, which no training changes, are
-    the template's."""
+    """A model's weights (its state dict, emptied key by key: a gathered copy is freed as it is converted) under the
+    keys of `template` (a released file's state dict), each in the template's dtype and shape; the fixed rotary
+    tables, which no training changes, are the template's."""
     _, origin = convert_with_origin(template)
     ours_of = {released: ours for ours, released in origin.items()}
-    state = dict(state)
     out = {}
     for key, value in template.items():
         ours = ours_of.get(key)
@@ -40,7 +39,7 @@ def template_path(pretrained: str, cached: Path | None) -> str:
     return path
 
 
-def save_released(state: Mapping[str, torch.Tensor], template: str, out: str | os.PathLike) -> Path:
+def save_released(state: dict[str, torch.Tensor], template: str, out: str | os.PathLike) -> Path:
     """Write `out` (whole or not at all) with a model's weights (its state dict, consumed) in the layout of the
     released file `template` (memory-mapped where it can be: only the output is held besides `state`)."""
     weights = released_state_dict(state, read_state_dict(template))

@@ -6,10 +6,13 @@ open_clip's main branch is installed into a folder of its own (`pip --target`, n
 3.x's) and put first on the trainer's path, so it runs with this environment's torch and timm."""
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import re
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,17 @@ def test_every_model_answers_fsdp_shard_modules_with_its_blocks(tiny):
     built = open_clip.create_model(register_reference('tiny_a'))  # without a file, too
     assert [n for n, _ in built.fsdp_shard_modules()] == names
     assert shard_modules(built)[0][1] is built.visual.trunk.blocks[0]
+    copied = copy.deepcopy(built)
+    assert copied.fsdp_shard_modules()[0][1] is copied.visual.trunk.blocks[0]
+    assert not hasattr(open_clip.create_model('RN50'), 'fsdp_shard_modules')  # other models as open_clip has them
+    # nothing ties a model to itself: it is freed as soon as it is dropped, without the garbage collector
+    gc.disable()
+    try:
+        dropped = weakref.ref(built)
+        del built
+        assert dropped() is None
+    finally:
+        gc.enable()
 
 
 @needs_trainer()
