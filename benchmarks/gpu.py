@@ -415,7 +415,11 @@ def giant(bench: Bench) -> None:
     one GPU: samples/s, peak GPU memory and the memory plan's peak for the same run."""
     from bench_embed import make_shards
 
+    from eva_open_clip import versions
     from eva_open_clip.train.plan import Setup, plan
+    if not versions.at_least(versions.TORCH, versions.FSDP_TORCH):
+        emit('giant', skipped=f'--fsdp needs torch >= 2.6 (installed: {versions.TORCH_VERSION})')
+        return
     name, batch, extra = ('tiny', 4, ('--precision', 'fp32')) if bench.dry_run else GIANT_RUN
     if '--lora' in extra and importlib.util.find_spec('peft') is None:
         extra = tuple(e for e in extra if e not in ('--lora', '8'))  # the oldest set: full fine-tuning of tiny

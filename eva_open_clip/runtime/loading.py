@@ -45,20 +45,6 @@ def load_model(choice: ModelChoice, device: str, precision: str):
     return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
 
 
-def meta_model(name: str) -> torch.nn.Module:
-    """Registered model `name` built on the meta device: its structure, no memory, no weights (and no warning that
-    it was not loaded)."""
-    import logging
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # open_clip warns that a model built without a file is randomly initialized
-    try:
-        with torch.device('meta'):
-            return open_clip.create_model(name, device='meta')
-    finally:
-        root.setLevel(level)
-
-
 def keep_exact_logit_scale(model: torch.nn.Module, choice: ModelChoice) -> None:
     """The tools' model scales similarities by the file's `logit_scale` in float32 whatever its precision: open_clip
     casts it with the weights (bf16 makes the released 100 a 98.86, every zero-shot probability ~1% less sharp).

@@ -81,7 +81,7 @@ def merged_state(state: Mapping[str, torch.Tensor], model: str, rank: int, alpha
     """The state dict, without adapters, of registered `model` adapted with (`rank`, `alpha`) and holding `state`
     (a whole state dict: a sharded run's gathered one too), merged by peft itself. The model is built on the meta
     device and takes `state`'s tensors as they are, no second copy: they are merged into in place."""
-    from eva_open_clip.runtime.loading import meta_model
+    from eva_open_clip.empty_build import meta_model
     built = meta_model(model)
     with torch.device('meta'):
         adapted = add_adapters(built, rank, alpha, 0.0)

@@ -162,10 +162,10 @@ class TrainOptions:
             require_peft()
         elif self.lora_alpha is not None or self.lora_dropout:
             raise UsageError(f"{param('lora_alpha')} and {param('lora_dropout')} go with {param('lora', 'R')}")
-        if self.fsdp:
+        if self.fsdp and not self.plan:  # a plan is for the machines it names, whatever this one has
             from eva_open_clip import versions
             versions.require_torch(f"{param('fsdp')} (FSDP2)", versions.FSDP_TORCH)
-            if not Ranks.launched() and not self.plan:
+            if not Ranks.launched():
                 raise UsageError(f"{param('fsdp')} shards the model across the processes of a torchrun launch: run "
                                  'it under torchrun (torchrun --nproc-per-node N -m eva_open_clip train ...)')
         if self.lock_image and self.lock_text and self.lora is None:

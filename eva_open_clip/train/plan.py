@@ -13,7 +13,8 @@ Per process, for P parameters of which T train, on N processes:
 - activations: the tensors autograd saves in one training forward of one sample of the model, in the compute dtype,
   counted as they are saved (views of one tensor once), times the batch; with activation checkpointing, each
   block's input, the largest block's own, and what is outside the blocks. Attention is counted as fused kernels
-  (flash attention, on GPUs and CPUs) save it: queries, keys, values, output and log-sum-exp, no attention matrix.
+  (flash attention, on GPUs and CPUs) save it: queries, keys, values, output and log-sum-exp, no attention matrix
+  (on a torch without the CPU flash kernel's meta function, as the math saves it: an upper bound).
 
 The gradients are freed before each forward pass and grow as the backward pass frees the activations, so the passes
 peak at the larger of the two (with everything else that is held); the step holds the weights, gradients, optimizer
@@ -23,6 +24,8 @@ fragmentation, the data pipeline's buffers). `check` refuses a run that does not
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 from dataclasses import dataclass, replace
 
@@ -146,7 +149,7 @@ def plan(setup: Setup, memory: float | None = None, where: str = '') -> Plan:
 
 
 def _meta_model(setup: Setup) -> nn.Module:
-    from eva_open_clip.runtime.loading import meta_model
+    from eva_open_clip.empty_build import meta_model
     model = meta_model(setup.model).train()
     if setup.lock_image:
         model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
@@ -190,7 +193,9 @@ def _saved_bytes(model: nn.Module, dtype: torch.dtype, checkpointing: bool) -> i
         size = model.visual.trunk.patch_embed.img_size
         images = torch.empty(1, 3, *size, device='meta', dtype=dtype)
         tokens = torch.zeros(1, _context_length(model), dtype=torch.long, device='meta')
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttention():
+        fused = _FusedAttention() if hasattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu') \
+            else contextlib.nullcontext()  # an older torch: the attention matrices the math saves, an upper bound
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused:
             model(images, tokens)
     finally:
         for h in handles:
@@ -282,14 +287,14 @@ def check(setup: Setup, memory: float, where: str) -> Plan:
 
 
 def _what_fits(setup: Setup, memory: float) -> Setup | None:
-    """The nearest settings that fit: checkpointing, then FSDP (on several processes), then LoRA, then LoRA's
-    frozen weights in bf16, then a smaller batch, each added to the last."""
+    """The nearest settings that fit: checkpointing, then FSDP (on several processes), then LoRA (with peft), then
+    the weights in bf16, then a smaller batch, each added to the last."""
     tries = [setup]
     if not setup.grad_checkpointing:
         tries.append(replace(tries[-1], grad_checkpointing=True))
     if setup.processes > 1 and not setup.fsdp:
         tries.append(replace(tries[-1], fsdp=True))
-    if not setup.lora:
+    if not setup.lora and importlib.util.find_spec('peft') is not None:  # LoRA where the lora extra is installed
         tries.append(replace(tries[-1], lora=8))
     if _PARAM_DTYPES.get(setup.precision, torch.float32).itemsize > 2:
         tries.append(replace(tries[-1], precision='pure_bf16'))

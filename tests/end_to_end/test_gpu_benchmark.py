@@ -66,7 +66,11 @@ def test_gpu_benchmark_dry_run_prints_every_measurement(tmp_path):
         [('tiny', False, False)] + ([('tiny', True, True)] if lora else [])
     assert all(r['samples_per_s'] > 0 for r in trained) and len(runs['train']) == 2
     [giant] = runs['giant']  # FSDP and checkpointing under torchrun (on the CPU: gloo, one process)
-    assert giant['fsdp'] and giant['grad_checkpointing'] and giant['samples_per_s'] > 0
+    from eva_open_clip import versions
+    if versions.at_least(versions.TORCH, versions.FSDP_TORCH):
+        assert giant['fsdp'] and giant['grad_checkpointing'] and giant['samples_per_s'] > 0
+    else:
+        assert giant['skipped'].startswith('--fsdp needs torch >= 2.6')
     assert list(tmp_path.iterdir()) == [tmp_path / 'tiny.json']  # generated checkpoints and shards are removed
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eva_open_clip
+from eva_open_clip.empty_build import meta_model
 from eva_open_clip.train.plan import FITS, GB, Setup, plan
 from support.checkpoints import golden
 from support.cli import error_line, main_here
@@ -73,7 +74,7 @@ def test_plans_for_the_giants_on_the_command_line_download_nothing():
     lines = result.stdout.splitlines()
     assert lines[0].startswith('memory plan of EVA-CLIP-8B (8.22B parameters, 8.22B trained) on 64 process(es), '
                                'precision amp_bf16, --batch-size 32 --fsdp --grad-checkpointing')
-    parameters = sum(p.numel() for p in _meta('EVA-CLIP-8B').parameters())
+    parameters = sum(p.numel() for p in meta_model('EVA-CLIP-8B').parameters())
     weights = next(line for line in lines if line.strip().startswith('weights'))
     assert float(weights.split()[-2]) == pytest.approx(parameters * 4 / 64 / GB, abs=0.006)
     assert lines[-1] == f'fits in --memory 80 (80 GB, of which {FITS:.0%} usable)'
@@ -83,11 +84,6 @@ def test_plans_for_the_giants_on_the_command_line_download_nothing():
     planned = train(plan=True, model='EVA-CLIP-8B', processes=64, fsdp=True, grad_checkpointing=True,
                     precision='amp_bf16', batch_size=32, memory=80)  # the same from Python
     assert str(planned).splitlines()[1:-1] == lines[1:-1] and planned.fits()
-
-
-def _meta(name: str):
-    with torch.device('meta'):
-        return open_clip.create_model(name, device='meta')
 
 
 def test_a_run_that_does_not_fit_is_refused_in_one_line_naming_what_fits(tiny, data, tmp_path):
