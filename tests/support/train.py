@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import torch
@@ -63,3 +64,15 @@ def run_log(out) -> tuple[dict, list[dict]]:
 
 def weights(out) -> dict[str, torch.Tensor]:
     return torch.load(out / 'checkpoint.pt', weights_only=True)['model']
+
+
+def wait_until_saved(job, checkpoint, steps: int) -> None:
+    """Wait (5 minutes at most) until the background run `job` has written `checkpoint` and logged `steps` lines,
+    and is still running (so that it can be killed mid-run)."""
+    out = checkpoint.parent
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None:
+        if checkpoint.exists() and len(run_log(out)[1]) >= steps:
+            break
+        time.sleep(0.01)
+    assert job.poll() is None, 'the run ended before it could be killed'

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from eva_open_clip import versions
 from eva_open_clip.train.data import Share
 from support.checkpoints import golden
 from support.cli import TORCHRUN, error_line, main_here, run_cli
-from support.train import run_log
+from support.train import run_log, wait_until_saved
 
 pytestmark = [pytest.mark.xdist_group('train'),
               pytest.mark.skipif(not versions.at_least(versions.TORCH, versions.FSDP_TORCH),
@@ -109,14 +108,8 @@ def children(pid: int) -> list[int]:
 
 
 def _killed(model_files, data, out) -> None:
-    job = train(model_files, data, out, '--fsdp', '--steps', '24', '--save-every', '4', background=True,
-)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and job.poll() is None:
-        if (out / 'checkpoint.json').exists() and len(run_log(out)[1]) >= 6:
-            break
-        time.sleep(0.01)
-    assert job.poll() is None, 'the run ended before it could be killed'
+    job = train(model_files, data, out, '--fsdp', '--steps', '24', '--save-every', '4', background=True)
+    wait_until_saved(job, out / 'checkpoint.json', 6)
     for pid in [job.pid] + children(job.pid):  # torchrun and every rank at once, as a lost machine
         os.kill(pid, signal.SIGKILL)
     job.wait()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import signal
-import time
 
 import numpy as np
 import open_clip
@@ -19,7 +18,7 @@ import eva_open_clip
 from support.checkpoints import register_reference
 from support.cli import TORCHRUN, error_line, main_here, run_cli
 from support.embed import TINY
-from support.train import COLORS, png, run_log, train_args, train_here, train_process, weights
+from support.train import COLORS, png, run_log, train_args, train_here, train_process, wait_until_saved, weights
 
 pytestmark = pytest.mark.xdist_group('train')
 
@@ -48,12 +47,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runsweights(tiny, data, tmp_p
     assert train_here(tiny, data, reference, *args, '--workers', '2').returncode == 0
     out = tmp_path / 'killed'
     job = train_process(tiny, data, out, *args, '--workers', '1', background=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and job.poll() is None:
-        if (out / 'checkpoint.pt').exists() and len(run_log(out)[1]) >= 24:
-            break
-        time.sleep(0.01)
-    assert job.poll() is None, 'the run ended before it could be killed'
+    wait_until_saved(job, out / 'checkpoint.pt', 24)
     job.send_signal(signal.SIGKILL)
     job.wait()
     killed_at = len(run_log(out)[1])
